@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Launch `plexus serve` across MPI ranks with Open MPI 5's mpirun.
+#
+#   launch/serve.sh [-n N] [--hostfile FILE] [--dry-run] -- <plexus serve args>
+#
+#   -n N             ranks (default: total slots in FILE, else 2)
+#   --hostfile FILE  Open MPI hostfile (see hostfiles/); default: this host only
+#   --dry-run        print the mpirun command instead of running it
+#
+# Environment:
+#   PLEXUS_VENV         venv with mpirun + plexus (default: <repo>/.venv)
+#   PLEXUS_MPIRUN_ARGS  extra mpirun arguments (word-split), e.g. "--mca btl_tcp_if_include eth0"
+#   PLEXUS_*            forwarded to every rank, as are PATH, LD_LIBRARY_PATH,
+#                       PYTHONPATH, OMP_NUM_THREADS and HF_* when set.
+#
+# This file is also sourced by launch/batch.sh for plexus_mpirun().
+set -euo pipefail
+
+PLEXUS_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# plexus_mpirun SUBCOMMAND "$@": parses [-n N] [--hostfile FILE] [--dry-run] [--]
+# then runs `mpirun ... plexus SUBCOMMAND <rest>`.
+plexus_mpirun() {
+  local sub="$1"; shift
+  local np="" hostfile="" dry=0
+  while (($#)); do
+    case "$1" in
+      -n|--np) np="$2"; shift 2 ;;
+      --hostfile) hostfile="$2"; shift 2 ;;
+      --dry-run) dry=1; shift ;;
+      -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; return 0 ;;
+      --) shift; break ;;
+      *) echo "$(basename "$0"): unexpected '$1' (plexus args go after --)" >&2; return 2 ;;
+    esac
+  done
+
+  local venv="${PLEXUS_VENV:-$PLEXUS_REPO/.venv}"
+  local mpirun="$venv/bin/mpirun"
+  [[ -x "$mpirun" ]] || { echo "no mpirun at $mpirun (set PLEXUS_VENV)" >&2; return 1; }
+  # The console script if installed, else the package from this checkout.
+  local -a plexus=("$venv/bin/plexus")
+  if [[ ! -x "${plexus[0]}" ]]; then
+    plexus=("$venv/bin/python" -m plexus)
+    export PYTHONPATH="$PLEXUS_REPO${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  export PATH="$venv/bin:$PATH"
+
+  # Hosts and slots from the hostfile ("host slots=K", '#' comments; no slots= means 1).
+  local nhosts=1 slots total=0
+  slots="$(nproc)"
+  if [[ -n "$hostfile" ]]; then
+    [[ -r "$hostfile" ]] || { echo "cannot read hostfile $hostfile" >&2; return 1; }
+    read -r nhosts total < <(awk '{sub(/#.*/, "")} NF {n++; s = 1
+        for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) { split($i, a, "="); s = a[2] }
+        t += s} END {print n + 0, t + 0}' "$hostfile")
+    slots="$total"
+  fi
+  np="${np:-${hostfile:+$total}}"; np="${np:-2}"
+
+  local -a cmd=("$mpirun" -n "$np" --bind-to none)
+  [[ -n "$hostfile" ]] && cmd+=(--hostfile "$hostfile")
+  ((nhosts == 1 && np > slots)) && cmd+=(--oversubscribe)
+  ((EUID == 0)) && cmd+=(--allow-run-as-root)
+  local v
+  for v in PATH LD_LIBRARY_PATH PYTHONPATH OMP_NUM_THREADS $(compgen -e | grep -E '^(PLEXUS|HF)_' || true); do
+    [[ -n "${!v+x}" ]] && cmd+=(-x "$v")   # forward only what is set (else mpirun warns)
+  done
+  # shellcheck disable=SC2206
+  cmd+=(${PLEXUS_MPIRUN_ARGS:-} "${plexus[@]}" "$sub" "$@")
+
+  if ((dry)); then printf '%q ' "${cmd[@]}"; echo; return 0; fi
+  exec "${cmd[@]}"
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  plexus_mpirun serve "$@"
+fi

@@ -1,0 +1,178 @@
+"""The engine: every rank runs the same forward passes in lockstep, rank 0 decides.
+
+Rank 0 broadcasts each unit of work (a prompt's ids) to the other ranks, which wait in
+``worker_loop``. During generation rank 0 samples each token from the gathered logits and
+broadcasts it with a continue/stop flag, so all ranks feed the same token and stop together.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from plexus.comm import Communicator
+from plexus.config import ModelConfig, resolve_dtype
+from plexus.errors import PlexusError
+from plexus.loader import load_model
+from plexus.model import CausalLM
+from plexus.plan import ShardPlan
+from plexus.sampling import Sampler, SamplingParams
+
+DEFAULT_MAX_CONTEXT = 4096  # caps the preallocated KV cache for long-context checkpoints
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"  # "stop" (EOS or stop string), "length", or "cancelled"
+    ttft_s: float | None = None
+
+
+class Engine:
+    def __init__(self, model: CausalLM, comm: Communicator, eos_token_ids: frozenset[int] = frozenset()):
+        self.model, self.comm = model, comm
+        self.config: ModelConfig = model.config
+        self.plan: ShardPlan = model.plan
+        self.max_context = model.max_context
+        self.eos_token_ids = eos_token_ids
+        self.device = model.embed_tokens.weight.device
+        self._ctrl = torch.zeros(2, dtype=torch.int64)  # (token id, 1 = go on / 0 = stop)
+        model.allocate_cache(max_batch=1)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, comm: Communicator, dtype: str | None = None, device: str = "cpu",
+             max_context: int | None = None, weights: list[float] | None = None,
+             eos_token_ids: frozenset[int] = frozenset(), progress=None) -> "Engine":
+        """Read the config, agree on one plan, and load this rank's shard on every rank."""
+        error, plan, config, torch_dtype, ctx = None, None, None, None, 0
+        try:
+            config = ModelConfig.from_dir(model_dir)
+            torch_dtype = resolve_dtype(dtype, config)
+            ctx = max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+            if ctx < 1:
+                raise PlexusError(f"--max-context must be positive, got {ctx}")
+            plan = ShardPlan.build(config, weights or [1.0] * comm.size)
+        except PlexusError as e:
+            error = str(e)
+        comm.agree(error)
+        model = load_model(model_dir, config, plan, comm, ctx, torch_dtype, device, progress)
+        return cls(model, comm, eos_token_ids or frozenset(config.eos_token_ids))
+
+    # ---- rank 0 ---------------------------------------------------------------------------
+
+    def check_request(self, prompt_ids: list[int], max_tokens: int) -> None:
+        if not prompt_ids:
+            raise PlexusError("the prompt is empty (no tokens)")
+        if max_tokens < 1:
+            raise PlexusError(f"max tokens must be at least 1, got {max_tokens}")
+        if len(prompt_ids) + max_tokens > self.max_context:
+            raise PlexusError(f"prompt ({len(prompt_ids)} tokens) plus max tokens ({max_tokens}) exceeds the "
+                              f"context length of {self.max_context} tokens")
+        bad = [i for i in prompt_ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise PlexusError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+        """Yield generated token ids (rank 0 only). Stops after EOS or ``max_tokens``; closing the
+        iterator early (stop string, cancelled client) stops every rank too."""
+        self.check_request(prompt_ids, params.max_tokens)
+        sampler = Sampler(params)
+        self.comm.bcast_obj({"op": "generate", "ids": prompt_ids})
+        stopped = False
+        try:
+            logits = self.model(torch.tensor([prompt_ids], device=self.device), 0)
+            pos = len(prompt_ids)
+            for i in range(params.max_tokens):
+                token = sampler(logits[0, -1])
+                last = token in self.eos_token_ids or i == params.max_tokens - 1
+                yield token
+                if last:
+                    break
+                self._broadcast_ctrl(token, 1)
+                logits = self.model(torch.tensor([[token]], device=self.device), pos)
+                pos += 1
+            self._broadcast_ctrl(0, 0)
+            stopped = True
+        finally:
+            if not stopped:  # the consumer closed us between tokens
+                self._broadcast_ctrl(0, 0)
+
+    def _broadcast_ctrl(self, token: int, go: int) -> None:
+        if self.comm.size > 1:
+            self._ctrl[0], self._ctrl[1] = token, go
+            self.comm.bcast_(self._ctrl)
+
+    def complete(self, tokenizer, prompt_ids: list[int], params: SamplingParams,
+                 on_text: Callable[[str], None] | None = None,
+                 cancelled: Callable[[], bool] = lambda: False) -> Completion:
+        """Generate and detokenize one completion on rank 0, honouring stop strings; ``on_text``
+        receives each stable piece of new text (for streaming)."""
+        from plexus.tokenizer import IncrementalDecoder
+
+        decoder = IncrementalDecoder(tokenizer, params.stop)
+        result = Completion(list(prompt_ids))
+        t0 = time.perf_counter()
+        tokens = self.generate(prompt_ids, params)
+        try:
+            for token in tokens:
+                if result.ttft_s is None:
+                    result.ttft_s = time.perf_counter() - t0
+                result.token_ids.append(token)
+                if token in self.eos_token_ids:
+                    result.finish_reason = "stop"
+                    break
+                delta = decoder.add(token)
+                if delta and on_text:
+                    on_text(delta)
+                if decoder.stopped:
+                    result.finish_reason = "stop"
+                    break
+                if cancelled():
+                    result.finish_reason = "cancelled"
+                    break
+        finally:
+            tokens.close()
+        tail = decoder.finish()
+        if tail and on_text:
+            on_text(tail)
+        result.text = decoder.text
+        return result
+
+    def shutdown(self, error: str | None = None) -> None:
+        """Release the worker ranks from ``worker_loop`` (rank 0); with ``error`` they exit
+        non-zero too (rank 0 prints the message)."""
+        if self.comm.size > 1:
+            self.comm.bcast_obj({"op": "shutdown", "error": error})
+
+    # ---- ranks > 0 -------------------------------------------------------------------------
+
+    def worker_loop(self) -> None:
+        """Follow rank 0's work until it says shut down."""
+        while True:
+            cmd = self.comm.bcast_obj(poll_s=0.001)
+            if cmd["op"] == "shutdown":
+                if cmd.get("error"):
+                    err = PlexusError(cmd["error"])
+                    err.collective = True
+                    raise err
+                return
+            if cmd["op"] == "generate":
+                self._follow(cmd["ids"])
+
+    @torch.inference_mode()
+    def _follow(self, prompt_ids: list[int]) -> None:
+        self.model(torch.tensor([prompt_ids], device=self.device), 0)
+        pos = len(prompt_ids)
+        while True:
+            self.comm.bcast_(self._ctrl)
+            if int(self._ctrl[1]) == 0:
+                return
+            self.model(torch.tensor([[int(self._ctrl[0])]], device=self.device), pos)
+            pos += 1

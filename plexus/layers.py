@@ -1,0 +1,137 @@
+"""Tensor-parallel building blocks (Megatron style), each a small ``nn.Module``.
+
+Every parallel layer is told at construction which Hugging Face tensor(s) it holds and which
+slice of them belongs to this rank (from the ShardPlan), and owns ``load(reader)`` to cut that
+slice out of the checkpoint. Parameters are allocated empty, so a rank only ever touches memory
+for its own share. The collectives they run are stated in each docstring; the model file that
+uses them contains none.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plexus.comm import Communicator
+
+
+class TensorReader(Protocol):
+    def read(self, name: str, dim: int | None = None, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Tensor ``name`` from the checkpoint, or only [start, end) along ``dim``."""
+
+
+def _empty(shape, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A^T with A's output rows split across ranks: A = [A_1; ...; A_p], rank r computes
+    X A_r^T. No collective: each rank keeps its slice of Y (its heads, its MLP columns).
+
+    ``sources`` fuses several checkpoint matrices with the same input into one matmul
+    (q/k/v, gate/up): [(hf_name, (row_start, row_end)), ...], stacked in order.
+    """
+
+    def __init__(self, in_features: int, sources: Sequence[tuple[str, tuple[int, int]]], bias: bool,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.sources = list(sources)
+        self.out_sizes = [b - a for _, (a, b) in self.sources]
+        self.weight = _empty((sum(self.out_sizes), in_features), dtype, device)
+        self.bias = _empty((sum(self.out_sizes),), dtype, device) if bias else None
+
+    def load(self, reader: TensorReader) -> None:
+        row = 0
+        for (name, (a, b)), n in zip(self.sources, self.out_sizes):
+            self.weight[row:row + n].copy_(reader.read(f"{name}.weight", 0, a, b))
+            if self.bias is not None:
+                self.bias[row:row + n].copy_(reader.read(f"{name}.bias", 0, a, b))
+            row += n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A^T with A's input columns split across ranks: A = [A_1 ... A_p] and X = [X_1 ... X_p]
+    (X_r is what this rank's column-parallel layer produced). Rank r computes X_r A_r^T, then one
+    allreduce sums the partial products into Y on every rank.
+    """
+
+    def __init__(self, source: str, columns: tuple[int, int], out_features: int, comm: Communicator,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.source, self.columns, self.comm = source, columns, comm
+        self.weight = _empty((out_features, columns[1] - columns[0]), dtype, device)
+
+    def load(self, reader: TensorReader) -> None:
+        self.weight.copy_(reader.read(f"{self.source}.weight", 1, *self.columns))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.comm.allreduce_(F.linear(x, self.weight))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows. Each rank looks up the ids in its row range,
+    writes zeros for the rest, and one allreduce assembles the full embeddings."""
+
+    def __init__(self, source: str, rows: tuple[int, int], hidden_size: int, comm: Communicator,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.source, self.rows, self.comm = source, rows, comm
+        self.weight = _empty((rows[1] - rows[0], hidden_size), dtype, device)
+
+    def load(self, reader: TensorReader) -> None:
+        self.weight.copy_(reader.read(f"{self.source}.weight", 0, *self.rows))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.comm.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.rows[0]
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.comm.allreduce_(out)
+
+
+class ParallelLMHead(nn.Module):
+    """Logits = H W^T with W split by vocabulary rows: each rank computes its slice of the
+    logits, and one gather to rank 0 (which samples) assembles them in vocabulary order.
+    With tied embeddings it shares the embedding's rows instead of holding its own."""
+
+    def __init__(self, source: str, rows: tuple[int, int], hidden_size: int, vocab_sizes: Sequence[int],
+                 comm: Communicator, dtype: torch.dtype, device: torch.device,
+                 tied: VocabParallelEmbedding | None = None):
+        super().__init__()
+        self.source, self.rows, self.comm, self.vocab_sizes = source, rows, comm, list(vocab_sizes)
+        self.tied = tied is not None
+        self.weight = tied.weight if tied is not None else _empty((rows[1] - rows[0], hidden_size), dtype, device)
+
+    def load(self, reader: TensorReader) -> None:
+        if not self.tied:
+            self.weight.copy_(reader.read(f"{self.source}.weight", 0, *self.rows))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor | None:
+        """(..., hidden) -> (..., vocab) float32 logits on rank 0; None on other ranks."""
+        local = F.linear(h, self.weight).float()
+        return self.comm.gather(local, dim=-1, sizes=self.vocab_sizes, root=0)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 as transformers does. Replicated."""
+
+    def __init__(self, source: str, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.source, self.eps = source, eps
+        self.weight = _empty((hidden_size,), dtype, device)
+
+    def load(self, reader: TensorReader) -> None:
+        self.weight.copy_(reader.read(f"{self.source}.weight"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)

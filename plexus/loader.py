@@ -1,0 +1,164 @@
+"""Reading a Hugging Face checkpoint: each rank reads only its own slices.
+
+Files are opened with ``safe_open`` and sliced with ``get_slice``, one tensor at a time, and
+closed again, so a rank's memory holds its share plus at most one tensor's file pages. Pickle
+checkpoints (``*.bin``, ``*.pt``, ``*.pth``) are refused, never unpickled: model files are
+untrusted input. Every problem becomes one PlexusError naming the file and tensor, and all
+ranks agree on it before anyone moves on, so no rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from plexus.comm import Communicator
+from plexus.config import ModelConfig
+from plexus.errors import PlexusError
+from plexus.model import CausalLM
+from plexus.plan import ShardPlan
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a model directory (single file or sharded index)."""
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise PlexusError(f"{index}: not a valid safetensors index ({e})") from None
+        names = sorted(set(weight_map.values()))
+        bad = [n for n in names if not n.endswith(".safetensors")]
+        if bad:
+            raise PlexusError(f"{index}: refers to {bad[0]}, which is not a safetensors file "
+                              "(Plexus never unpickles model files)")
+        files = [d / n for n in names]
+    elif (d / "model.safetensors").is_file():
+        files = [d / "model.safetensors"]
+    else:
+        files = sorted(d.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES) if d.is_dir() else []
+        if pickles:
+            raise PlexusError(f"{d / pickles[0]}: pickle checkpoints are refused (they can run code when "
+                              "loaded); convert the model to safetensors")
+        raise PlexusError(f"{d}: no model.safetensors or model.safetensors.index.json")
+    for f in files:
+        if not f.is_file():
+            raise PlexusError(f"{f}: listed in the index but missing")
+    return files
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}}."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100 * 2**20:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+            size = path.stat().st_size
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise PlexusError(f"{path}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        if info["data_offsets"][1] + 8 + n > size:
+            raise PlexusError(f"{path}: tensor {name} runs past the end of the file (truncated download?)")
+    return header
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor Plexus reads, with its full (unsharded) shape."""
+    c = config
+    h, d, i = c.hidden_size, c.head_dim, c.intermediate_size
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    for n in range(c.num_layers):
+        p = f"model.layers.{n}"
+        shapes.update({
+            f"{p}.self_attn.q_proj.weight": (c.num_heads * d, h),
+            f"{p}.self_attn.k_proj.weight": (c.num_kv_heads * d, h),
+            f"{p}.self_attn.v_proj.weight": (c.num_kv_heads * d, h),
+            f"{p}.self_attn.o_proj.weight": (h, c.num_heads * d),
+            f"{p}.mlp.gate_proj.weight": (i, h), f"{p}.mlp.up_proj.weight": (i, h),
+            f"{p}.mlp.down_proj.weight": (h, i),
+            f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,)})
+        if c.attention_bias:
+            shapes.update({f"{p}.self_attn.q_proj.bias": (c.num_heads * d,),
+                           f"{p}.self_attn.k_proj.bias": (c.num_kv_heads * d,),
+                           f"{p}.self_attn.v_proj.bias": (c.num_kv_heads * d,)})
+    return shapes
+
+
+class CheckpointReader:
+    """Finds each tensor's file from the headers and reads slices of it."""
+
+    def __init__(self, model_dir: str | Path, config: ModelConfig):
+        self.files = checkpoint_files(model_dir)
+        self.location: dict[str, tuple[Path, list[int]]] = {}
+        for f in self.files:
+            for name, info in read_header(f).items():
+                self.location[name] = (f, info["shape"])
+        self.expected = expected_shapes(config)
+        self.bytes_read = 0
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, end: int | None = None) -> torch.Tensor:
+        if name not in self.location:
+            raise PlexusError(f"{self.files[0].parent}: tensor {name} not found in the checkpoint")
+        path, shape = self.location[name]
+        want = self.expected.get(name)
+        if want is not None and tuple(shape) != want:
+            raise PlexusError(f"{path.name}: tensor {name} has shape {list(shape)}, expected {list(want)} "
+                              "from config.json")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if dim is None:
+                    t = f.get_tensor(name)
+                else:
+                    sl = f.get_slice(name)
+                    index = [slice(None)] * len(shape)
+                    index[dim] = slice(start, end)
+                    t = sl[tuple(index)]
+        except Exception as e:  # safetensors raises its own error types
+            raise PlexusError(f"{path.name}: cannot read tensor {name} ({e})") from None
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+
+def load_model(model_dir: str | Path, config: ModelConfig, plan: ShardPlan, comm: Communicator,
+               max_context: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+               progress: Callable[[int], None] | None = None) -> CausalLM:
+    """Build this rank's shard of the model and fill it from the checkpoint.
+
+    Every rank calls this; any rank's failure is raised on all ranks (one collective at the end).
+    """
+    model, error = None, None
+    try:
+        reader = CheckpointReader(model_dir, config)
+        with torch.no_grad():
+            model = CausalLM(config, plan, comm, max_context, dtype, device)
+            for module in model.modules():
+                if hasattr(module, "load"):
+                    before = reader.bytes_read
+                    module.load(reader)
+                    if progress is not None:
+                        progress(reader.bytes_read - before)
+    except PlexusError as e:
+        error = str(e)
+    except (OSError, RuntimeError) as e:
+        error = f"{model_dir}: loading failed: {e}".splitlines()[0]
+    comm.agree(error)
+    model.eval()
+    return model

@@ -1,0 +1,191 @@
+"""The Llama family (Llama 2/3.x, Mistral, Qwen2) as transformers computes it, tensor-parallel.
+
+Reads top to bottom: rotary embedding, attention, MLP, decoder layer, causal LM. Every size here
+is this rank's share (``num_heads_per_rank`` ...), taken from the ShardPlan; the parallel layers
+hide the collectives, so this file has none.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plexus.comm import Communicator
+from plexus.config import ModelConfig
+from plexus.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
+                           VocabParallelEmbedding)
+from plexus.plan import RankShard, ShardPlan
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies, with Llama 3.1's long-context rescaling when configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position up to ``max_context``, built once (float32)."""
+
+    def __init__(self, config: ModelConfig, max_context: int, device: torch.device):
+        super().__init__()
+        pos = torch.arange(max_context, dtype=torch.float32)
+        freqs = torch.outer(pos, rope_inv_freq(config))  # (T, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim), rotate-half layout
+        self.register_buffer("cos", emb.cos().to(device), persistent=False)
+        self.register_buffer("sin", emb.sin().to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate x (B, heads, T, head_dim) for positions start .. start+T-1."""
+        t = x.shape[-2]
+        cos = self.cos[start:start + t].to(x.dtype)
+        sin = self.sin[start:start + t].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention over this rank's query heads and the KV heads they use.
+
+    qkv_proj is column-parallel (no collective); o_proj is row-parallel (one allreduce).
+    The KV cache holds only this rank's KV heads and is preallocated for max_context.
+    """
+
+    def __init__(self, config: ModelConfig, shard: RankShard, prefix: str, comm: Communicator,
+                 rope: RotaryEmbedding, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        d = config.head_dim
+        self.head_dim = d
+        self.num_heads_per_rank = shard.num_heads
+        self.num_kv_heads_per_rank = shard.num_kv_heads
+        self.sliding_window = config.sliding_window
+        self.rope = rope
+        (qa, qb), (ka, kb) = shard.q_heads, shard.kv_heads
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size,
+            [(f"{prefix}.q_proj", (qa * d, qb * d)), (f"{prefix}.k_proj", (ka * d, kb * d)),
+             (f"{prefix}.v_proj", (ka * d, kb * d))],
+            bias=config.attention_bias, dtype=dtype, device=device)
+        self.o_proj = RowParallelLinear(f"{prefix}.o_proj", (qa * d, qb * d), config.hidden_size, comm,
+                                        dtype, device)
+        # which local KV head each local query head reads
+        kv_of_q = torch.tensor([h // config.group_size - ka for h in range(qa, qb)])
+        rep = self.num_heads_per_rank // self.num_kv_heads_per_rank
+        uniform = self.num_heads_per_rank % self.num_kv_heads_per_rank == 0 and bool(
+            (kv_of_q == torch.arange(self.num_heads_per_rank) // rep).all())
+        self.kv_index = None if uniform else kv_of_q.to(device)
+        self.k_cache = self.v_cache = None
+
+    def allocate_cache(self, max_batch: int, max_context: int) -> None:
+        shape = (max_batch, self.num_kv_heads_per_rank, max_context, self.head_dim)
+        w = self.qkv_proj.weight
+        self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        d, nq, nk = self.head_dim, self.num_heads_per_rank, self.num_kv_heads_per_rank
+        q, k, v = self.qkv_proj(x).split([nq * d, nk * d, nk * d], dim=-1)
+        q = self.rope(q.view(b, t, nq, d).transpose(1, 2), start)  # (B, nq, T, d)
+        k = self.rope(k.view(b, t, nk, d).transpose(1, 2), start)  # (B, nk, T, d)
+        v = v.view(b, t, nk, d).transpose(1, 2)  # (B, nk, T, d)
+        end = start + t
+        self.k_cache[:b, :, start:end] = k
+        self.v_cache[:b, :, start:end] = v
+        lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window - t + 1)
+        keys, values = self.k_cache[:b, :, lo:end], self.v_cache[:b, :, lo:end]  # (B, nk, S, d)
+        if self.kv_index is not None:
+            keys, values = keys.index_select(1, self.kv_index), values.index_select(1, self.kv_index)
+        mask, causal = None, False
+        if t > 1:
+            qpos = torch.arange(start, end, device=x.device).unsqueeze(1)
+            kpos = torch.arange(lo, end, device=x.device).unsqueeze(0)
+            if start == 0 and self.sliding_window is None:
+                causal = True
+            else:
+                mask = kpos <= qpos
+                if self.sliding_window is not None:
+                    mask = mask & (qpos - kpos < self.sliding_window)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.kv_index is None and nq != nk)
+        out = out.transpose(1, 2).reshape(b, t, nq * d)  # (B, T, nq*d)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); gate/up column-parallel, down row-parallel."""
+
+    def __init__(self, config: ModelConfig, shard: RankShard, prefix: str, comm: Communicator,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        cols = shard.mlp_columns
+        self.intermediate_per_rank = shard.intermediate
+        self.gate_up_proj = ColumnParallelLinear(
+            config.hidden_size, [(f"{prefix}.gate_proj", cols), (f"{prefix}.up_proj", cols)],
+            bias=False, dtype=dtype, device=device)
+        self.down_proj = RowParallelLinear(f"{prefix}.down_proj", cols, config.hidden_size, comm, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_per_rank, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, shard: RankShard, i: int, comm: Communicator,
+                 rope: RotaryEmbedding, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        p = f"model.layers.{i}"
+        eps, h = config.rms_norm_eps, config.hidden_size
+        self.input_layernorm = RMSNorm(f"{p}.input_layernorm", h, eps, dtype, device)
+        self.self_attn = Attention(config, shard, f"{p}.self_attn", comm, rope, dtype, device)
+        self.post_attention_layernorm = RMSNorm(f"{p}.post_attention_layernorm", h, eps, dtype, device)
+        self.mlp = MLP(config, shard, f"{p}.mlp", comm, dtype, device)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """Embedding -> decoder layers -> final norm -> LM head, for this rank's shard."""
+
+    def __init__(self, config: ModelConfig, plan: ShardPlan, comm: Communicator, max_context: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        device = torch.device(device)
+        self.config, self.plan, self.comm, self.max_context = config, plan, comm, max_context
+        shard = plan[comm.rank]
+        h = config.hidden_size
+        self.embed_tokens = VocabParallelEmbedding("model.embed_tokens", shard.vocab_rows, h, comm, dtype, device)
+        self.rope = RotaryEmbedding(config, max_context, device)
+        self.layers = nn.ModuleList(DecoderLayer(config, shard, i, comm, self.rope, dtype, device)
+                                    for i in range(config.num_layers))
+        self.norm = RMSNorm("model.norm", h, config.rms_norm_eps, dtype, device)
+        self.lm_head = ParallelLMHead("lm_head", shard.vocab_rows, h, plan.vocab_sizes, comm, dtype, device,
+                                      tied=self.embed_tokens if config.tie_word_embeddings else None)
+
+    def allocate_cache(self, max_batch: int = 1) -> None:
+        for layer in self.layers:
+            layer.self_attn.allocate_cache(max_batch, self.max_context)
+
+    def forward(self, ids: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor | None:
+        """ids (B, T) at positions start.. -> float32 logits (B, T or 1, vocab) on rank 0, None elsewhere."""
+        x = self.embed_tokens(ids)  # (B, T, hidden)
+        for layer in self.layers:
+            x = layer(x, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))

@@ -1,0 +1,132 @@
+"""The sharding plan: which rank holds which heads, MLP columns and vocabulary rows.
+
+Decided in one place, before any weight is read, from the model config and one weight per
+rank (equal weights = Megatron's even split; memory-proportional weights let a big card take a
+bigger share). The parallel layers read their slice boundaries from here at load time, and
+``plexus plan`` prints the same numbers.
+
+Attention is split by KV groups while there are at least as many KV heads as ranks, so no KV
+head is stored twice. With more ranks than KV heads, query heads are split instead and each
+rank keeps a copy of the KV heads its query heads use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from plexus.config import ModelConfig
+from plexus.errors import PlexusError
+
+MLP_GRANULARITY = 64  # MLP columns move between ranks in blocks of this many when sizes allow
+
+
+def partition(total: int, weights: Sequence[float], minimum: int = 1) -> list[int]:
+    """Split ``total`` units into len(weights) integer parts proportional to ``weights``,
+    each at least ``minimum`` (largest-remainder rounding; deterministic)."""
+    n = len(weights)
+    if total < minimum * n:
+        raise ValueError(f"cannot give {n} ranks at least {minimum} of {total}")
+    wsum = float(sum(weights))
+    ideal = [total * (w / wsum if wsum > 0 else 1.0 / n) for w in weights]
+    counts = [max(minimum, int(x)) for x in ideal]
+    while sum(counts) > total:
+        i = max((i for i in range(n) if counts[i] > minimum), key=lambda i: counts[i] - ideal[i])
+        counts[i] -= 1
+    while sum(counts) < total:
+        i = max(range(n), key=lambda i: ideal[i] - counts[i])
+        counts[i] += 1
+    return counts
+
+
+def _ranges(counts: Sequence[int], scale: int = 1) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for c in counts:
+        out.append((start * scale, (start + c) * scale))
+        start += c
+    return out
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """One rank's slice of every parallel layer, as [start, end) ranges."""
+
+    rank: int
+    q_heads: tuple[int, int]
+    kv_heads: tuple[int, int]
+    mlp_columns: tuple[int, int]
+    vocab_rows: tuple[int, int]
+
+    @property
+    def num_heads(self) -> int:
+        return self.q_heads[1] - self.q_heads[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    @property
+    def intermediate(self) -> int:
+        return self.mlp_columns[1] - self.mlp_columns[0]
+
+    @property
+    def vocab(self) -> int:
+        return self.vocab_rows[1] - self.vocab_rows[0]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    config: ModelConfig
+    weights: tuple[float, ...]
+    shards: tuple[RankShard, ...]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, rank: int) -> RankShard:
+        return self.shards[rank]
+
+    @property
+    def vocab_sizes(self) -> list[int]:
+        return [s.vocab for s in self.shards]
+
+    @classmethod
+    def build(cls, config: ModelConfig, weights: Sequence[float]) -> "ShardPlan":
+        n = len(weights)
+        c = config
+        if n > c.num_heads:
+            raise PlexusError(f"cannot split {c.num_heads} attention heads across {n} ranks: "
+                              f"use at most {c.num_heads} ranks")
+        if n <= c.num_kv_heads:
+            q = _ranges(partition(c.num_kv_heads, weights), scale=c.group_size)
+        else:
+            q = _ranges(partition(c.num_heads, weights))
+        kv = [(a // c.group_size, (b - 1) // c.group_size + 1) for a, b in q]
+        unit = MLP_GRANULARITY if c.intermediate_size % MLP_GRANULARITY == 0 and \
+            c.intermediate_size // MLP_GRANULARITY >= n else 1
+        mlp = _ranges(partition(c.intermediate_size // unit, weights), scale=unit)
+        vocab = _ranges(partition(c.vocab_size, weights))
+        shards = tuple(RankShard(r, q[r], kv[r], mlp[r], vocab[r]) for r in range(n))
+        return cls(config, tuple(float(w) for w in weights), shards)
+
+    @classmethod
+    def even(cls, config: ModelConfig, world_size: int) -> "ShardPlan":
+        return cls.build(config, [1.0] * world_size)
+
+    # ---- sizes, for budgets and for `plexus plan` ----------------------------------------
+
+    def weight_elements(self, rank: int) -> int:
+        """Number of weight elements rank ``rank`` stores."""
+        c, s = self.config, self.shards[rank]
+        h, d = c.hidden_size, c.head_dim
+        qkv_rows = (s.num_heads + 2 * s.num_kv_heads) * d
+        attn = qkv_rows * h + s.num_heads * d * h + (qkv_rows if c.attention_bias else 0)
+        mlp = 3 * s.intermediate * h
+        layer = attn + mlp + 2 * h  # two RMSNorm weights, replicated
+        embed = s.vocab * h * (1 if c.tie_word_embeddings else 2)
+        return c.num_layers * layer + embed + h
+
+    def kv_cache_elements(self, rank: int, max_context: int, max_batch: int = 1) -> int:
+        c, s = self.config, self.shards[rank]
+        return 2 * c.num_layers * max_batch * s.num_kv_heads * max_context * c.head_dim
