@@ -218,7 +218,7 @@ def ensure_default_model(log: Callable[[str], None] = print_to_stderr) -> Path:
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    log(f"plexus: using the embedded tiny demo model (random weights) at {target}")
+    log(f"using the embedded tiny demo model (random weights) at {target}")
     return target
 
 
