@@ -7,5 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/setup.sh
 prompt="${1:-The GPU in the small lab}"
-echo "quickstart: mpirun -n 2 plexus generate --prompt \"$prompt\" --max-tokens 48" >&2
-mpirun -n 2 --bind-to none plexus generate --prompt "$prompt" --max-tokens 48
+args=(generate --prompt "$prompt" --max-tokens 48 --temperature 0.8 --top-k 40 --seed 7)
+echo "quickstart: mpirun -n 2 plexus ${args[*]}" >&2
+mpirun -n 2 --bind-to none plexus "${args[@]}"
