@@ -11,7 +11,10 @@
 #   PLEXUS_VENV         venv with mpirun + plexus (default: <repo>/.venv)
 #   PLEXUS_MPIRUN_ARGS  extra mpirun arguments (word-split), e.g. "--mca btl_tcp_if_include eth0"
 #   PLEXUS_*            forwarded to every rank, as are PATH, LD_LIBRARY_PATH,
-#                       PYTHONPATH, OMP_NUM_THREADS and HF_* when set.
+#                       PYTHONPATH, OMP_NUM_THREADS and HF_* when set; e.g.
+#                       PLEXUS_CONFIG=plexus.yaml (options file, same path on every box)
+#   PLEXUS_PROGRESS     1/0: force the load progress bar on/off (default: on when
+#                       this script's stderr is a terminal)
 #
 # This file is also sourced by launch/batch.sh for plexus_mpirun().
 set -euo pipefail
@@ -61,6 +64,8 @@ plexus_mpirun() {
   [[ -n "$hostfile" ]] && cmd+=(--hostfile "$hostfile")
   ((nhosts == 1 && np > slots)) && cmd+=(--oversubscribe)
   ((EUID == 0)) && cmd+=(--allow-run-as-root)
+  # A rank's stderr is a pipe under mpirun: tell rank 0 whether ours is a terminal (load bar).
+  [[ -t 2 && -z "${PLEXUS_PROGRESS+x}" ]] && export PLEXUS_PROGRESS=1
   local v
   for v in PATH LD_LIBRARY_PATH PYTHONPATH OMP_NUM_THREADS $(compgen -e | grep -E '^(PLEXUS|HF)_' || true); do
     [[ -n "${!v+x}" ]] && cmd+=(-x "$v")   # forward only what is set (else mpirun warns)
