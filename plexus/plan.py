@@ -114,6 +114,32 @@ class ShardPlan:
     def even(cls, config: ModelConfig, world_size: int) -> "ShardPlan":
         return cls.build(config, [1.0] * world_size)
 
+    # ---- who owns what, for logs and `plexus plan` ---------------------------------------
+
+    @property
+    def splits_kv_groups(self) -> bool:
+        """True when each rank owns whole KV groups (>= 1), so no KV head is stored twice."""
+        return self.world_size <= self.config.num_kv_heads
+
+    def kv_head_owners(self) -> dict[int, list[int]]:
+        """KV head -> the ranks that store it (more than one only when KV heads are copied)."""
+        owners: dict[int, list[int]] = {}
+        for s in self.shards:
+            for h in range(*s.kv_heads):
+                owners.setdefault(h, []).append(s.rank)
+        return owners
+
+    def notes(self) -> list[str]:
+        """Why a rank owns no whole KV group, when that happens (more ranks than KV heads)."""
+        if self.splits_kv_groups:
+            return []
+        c = self.config
+        copied = [f"KV head {h} on ranks {','.join(map(str, rs))}"
+                  for h, rs in self.kv_head_owners().items() if len(rs) > 1]
+        return [f"{self.world_size} ranks but only {c.num_kv_heads} KV heads: no rank can own a whole KV group, "
+                f"so query heads are split instead and ranks keep copies of the KV heads their query heads "
+                f"read ({'; '.join(copied) or 'none copied'})"]
+
     # ---- sizes, for budgets and for `plexus plan` ----------------------------------------
 
     def weight_elements(self, rank: int) -> int:
@@ -128,5 +154,6 @@ class ShardPlan:
         return c.num_layers * layer + embed + h
 
     def kv_cache_elements(self, rank: int, max_context: int, max_batch: int = 1) -> int:
+        """K and V cache elements rank ``rank`` preallocates for ``max_batch`` x ``max_context``."""
         c, s = self.config, self.shards[rank]
         return 2 * c.num_layers * max_batch * s.num_kv_heads * max_context * c.head_dim
