@@ -13,6 +13,7 @@ import click
 
 from plexus import __version__
 from plexus.errors import PlexusError
+from plexus.options import config_option
 
 DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
 
@@ -29,10 +30,36 @@ def common_engine_options(f):
                      help="CPU threads per rank (default: cores on the node / ranks on the node)."),
         click.option("--max-context", type=int, default=None,
                      help="Context length to preallocate the KV cache for (default: min(model's, 4096))."),
+        click.option("--split", default="memory", show_default=True,
+                     help="How to share the layers among ranks: even, memory (by each rank's --max-memory, "
+                          "else its usable memory) or per-rank weights W1,W2,..."),
+        click.option("--max-memory", default=None,
+                     help="Memory budget for weights + KV cache: one size for every rank (6GiB) or one per "
+                          "rank (12GiB,8GiB,6GiB); units B, KiB, MiB, GiB, KB, MB, GB."),
         click.option("-v", "--verbose", is_flag=True, help="More log output."),
     ]):
         f = opt(f)
-    return f
+    f = _pool_options_passthrough(f)
+    return config_option(f)  # --config: listed first in --help, read before the other options
+
+
+def _pool_options_passthrough(f):
+    """Commands whose function does not (yet) take ``split``/``max_memory`` still run: they get
+    the defaults, and a non-default value is a usage error instead of being silently ignored."""
+    import functools
+    import inspect
+
+    params = inspect.signature(f).parameters
+    if {"split", "max_memory"} <= set(params) or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return f
+
+    @functools.wraps(f)
+    def wrapper(*args, split="memory", max_memory=None, **kwargs):
+        if split != "memory" or max_memory is not None:
+            raise click.UsageError("this command does not support --split/--max-memory yet")
+        return f(*args, **kwargs)
+
+    return wrapper
 
 
 class LazyGroup(click.Group):
@@ -96,9 +123,10 @@ def read_requests(tokenizer, prompt: str | None, prompts_file: str | None, chat:
     return out
 
 
-def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output) -> int:
+def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output,
+                 split="memory", max_memory=None) -> int:
     from plexus.engine import Engine
-    from plexus.runtime import resolve_model_dir
+    from plexus.runtime import load_progress, log_rank_table, resolve_model_dir
     from plexus.tokenizer import Tokenizer
 
     comm, log = rt.comm, rt.log
@@ -112,8 +140,11 @@ def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_conte
         error = str(e)
     comm.agree(error)
 
-    engine = Engine.load(model_dir, comm, dtype, rt.device, max_context,
-                         eos_token_ids=tokenizer.eos_token_ids if tokenizer else frozenset())
+    with load_progress(rt, model_dir) as progress:
+        engine = Engine.load(model_dir, comm, dtype, rt.device, max_context,
+                             eos_token_ids=tokenizer.eos_token_ids if tokenizer else frozenset(), progress=progress,
+                             split=split, max_memory=max_memory)
+    log_rank_table(rt, engine)
     if comm.rank != 0:
         engine.worker_loop()
         return 0
@@ -170,7 +201,8 @@ def _run_requests(engine, tokenizer, requests, params, as_json, output) -> None:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
 @click.option("--output", default=None, help="Write JSON lines to this file instead of stdout.")
-def generate(model, dtype, device, threads, max_context, verbose, prompt, prompts_file, chat, max_tokens,
+def generate(model, dtype, device, threads, max_context, split, max_memory, verbose, prompt, prompts_file, chat,
+             max_tokens,
              temperature, top_p, top_k, seed, stop, as_json, output):
     """Generate text from a prompt or a JSONL file of prompts (run under mpirun)."""
     from plexus.runtime import run_guarded, start
@@ -181,7 +213,8 @@ def generate(model, dtype, device, threads, max_context, verbose, prompt, prompt
     def body():
         rt = state["rt"] = start(device, threads, verbose)
         params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop))
-        return run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output)
+        return run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output,
+                            split, max_memory)
 
     run_guarded(body, lambda: state["rt"].comm if "rt" in state else None)
 

@@ -18,8 +18,10 @@ from plexus.comm import Communicator
 from plexus.config import ModelConfig, resolve_dtype
 from plexus.errors import PlexusError
 from plexus.loader import load_model
+from plexus.log import get_logger
 from plexus.model import CausalLM
 from plexus.plan import ShardPlan
+from plexus.planner import agree_pool_plan
 from plexus.sampling import Sampler, SamplingParams
 
 DEFAULT_MAX_CONTEXT = 4096  # caps the preallocated KV cache for long-context checkpoints
@@ -48,20 +50,31 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path, comm: Communicator, dtype: str | None = None, device: str = "cpu",
              max_context: int | None = None, weights: list[float] | None = None,
-             eos_token_ids: frozenset[int] = frozenset(), progress=None) -> "Engine":
-        """Read the config, agree on one plan, and load this rank's shard on every rank."""
-        error, plan, config, torch_dtype, ctx = None, None, None, None, 0
+             eos_token_ids: frozenset[int] = frozenset(), progress=None, split="memory",
+             max_memory=None, max_batch: int = 1) -> "Engine":
+        """Read the config, agree on one plan, and load this rank's shard on every rank.
+
+        ``split``: "even", "memory" or per-rank weights (``weights`` is the same, older spelling);
+        ``max_memory``: one budget for all ranks or one per rank ("6GiB", [bytes, ...]), for the
+        weights plus the KV cache of ``max_context`` x ``max_batch``. If the plan does not fit,
+        every rank raises the same PlexusError before any weight is read.
+        """
+        error, config, torch_dtype, ctx = None, None, None, 0
         try:
             config = ModelConfig.from_dir(model_dir)
             torch_dtype = resolve_dtype(dtype, config)
             ctx = max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
             if ctx < 1:
                 raise PlexusError(f"--max-context must be positive, got {ctx}")
-            plan = ShardPlan.build(config, weights or [1.0] * comm.size)
         except PlexusError as e:
             error = str(e)
         comm.agree(error)
-        model = load_model(model_dir, config, plan, comm, ctx, torch_dtype, device, progress)
+        pool = agree_pool_plan(comm, config, torch_dtype, device, ctx, weights or split, max_memory, max_batch)
+        if hasattr(progress, "set_plan"):
+            progress.set_plan(pool.plan)  # the load bar's total: this rank's share
+        if comm.rank == 0:
+            get_logger().info(pool.table())
+        model = load_model(model_dir, config, pool.plan, comm, ctx, torch_dtype, device, progress)
         return cls(model, comm, eos_token_ids or frozenset(config.eos_token_ids))
 
     # ---- rank 0 ---------------------------------------------------------------------------
@@ -145,16 +158,24 @@ class Engine:
         result.text = decoder.text
         return result
 
-    def shutdown(self, error: str | None = None) -> None:
-        """Release the worker ranks from ``worker_loop`` (rank 0); with ``error`` they exit
-        non-zero too (rank 0 prints the message)."""
+    def ping(self) -> None:
+        """A collective every rank joins (rank 0, while idle). A dead rank then shows up now,
+        as an MPI error under ULFM or as a stall a watchdog sees, not at the next request."""
         if self.comm.size > 1:
-            self.comm.bcast_obj({"op": "shutdown", "error": error})
+            self.comm.bcast_obj({"op": "ping"})
+            self.comm.barrier()
+
+    def shutdown(self, error: str | None = None, now: bool = False) -> None:
+        """Release the worker ranks from ``worker_loop`` (rank 0); with ``error`` they exit
+        non-zero too (rank 0 prints the message). ``now`` tells them the launcher is about to
+        kill the job, so they should exit at once rather than finalize MPI politely."""
+        if self.comm.size > 1:
+            self.comm.bcast_obj({"op": "shutdown", "error": error, "now": now})
 
     # ---- ranks > 0 -------------------------------------------------------------------------
 
-    def worker_loop(self) -> None:
-        """Follow rank 0's work until it says shut down."""
+    def worker_loop(self) -> dict:
+        """Follow rank 0's work until it says shut down; return that shutdown message."""
         while True:
             cmd = self.comm.bcast_obj(poll_s=0.001)
             if cmd["op"] == "shutdown":
@@ -162,9 +183,11 @@ class Engine:
                     err = PlexusError(cmd["error"])
                     err.collective = True
                     raise err
-                return
+                return cmd
             if cmd["op"] == "generate":
                 self._follow(cmd["ids"])
+            elif cmd["op"] == "ping":
+                self.comm.barrier()
 
     @torch.inference_mode()
     def _follow(self, prompt_ids: list[int]) -> None:
