@@ -128,7 +128,9 @@ def resolve_dtype(name: str | None, config: ModelConfig):
 
     key = DTYPES.get((name or config.torch_dtype).lower())
     if key is None:
-        raise PlexusError(f"unsupported dtype {name or config.torch_dtype!r} (use float32, bfloat16 or float16)")
+        where = "--dtype" if name else "torch_dtype in config.json"
+        raise PlexusError(f"unsupported dtype {name or config.torch_dtype!r} ({where}; "
+                          "use float32, bfloat16 or float16)")
     return getattr(torch, key)
 
 

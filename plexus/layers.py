@@ -22,6 +22,27 @@ class TensorReader(Protocol):
     def read(self, name: str, dim: int | None = None, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Tensor ``name`` from the checkpoint, or only [start, end) along ``dim``."""
 
+    def read_into(self, dest: torch.Tensor, name: str, dim: int | None = None, start: int = 0,
+                  end: int | None = None) -> None:
+        """Like ``dest.copy_(read(...))`` without holding a second full copy of the slice."""
+
+
+# oneDNN's matmul (the kernel torch.compile picks for CPU linears), where this torch build has it
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+ONEDNN_DTYPES = {torch.float32}  # bf16/fp16 weights gain nothing unpacked: F.linear already goes to oneDNN
+use_onednn = _ONEDNN_LINEAR is not None  # benchmarks flip this to compare kernels
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b, as F.linear. Float32 on the CPU goes to oneDNN instead: for one row of x
+    (a decode step) F.linear calls MKL's gemv, which streams W on a single thread, so a rank
+    with several cores would get one core's share of the memory bandwidth; oneDNN splits the
+    rows of W over all of the rank's threads (2.4x the GB/s on a 2-core EPYC, see
+    docs/benchmarks.md), and is no slower for prefill's many rows."""
+    if use_onednn and weight.dtype in ONEDNN_DTYPES and weight.device.type == "cpu":
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
 
 def _empty(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
@@ -46,13 +67,13 @@ class ColumnParallelLinear(nn.Module):
     def load(self, reader: TensorReader) -> None:
         row = 0
         for (name, (a, b)), n in zip(self.sources, self.out_sizes):
-            self.weight[row:row + n].copy_(reader.read(f"{name}.weight", 0, a, b))
+            reader.read_into(self.weight[row:row + n], f"{name}.weight", 0, a, b)
             if self.bias is not None:
                 self.bias[row:row + n].copy_(reader.read(f"{name}.bias", 0, a, b))
             row += n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -68,10 +89,10 @@ class RowParallelLinear(nn.Module):
         self.weight = _empty((out_features, columns[1] - columns[0]), dtype, device)
 
     def load(self, reader: TensorReader) -> None:
-        self.weight.copy_(reader.read(f"{self.source}.weight", 1, *self.columns))
+        reader.read_into(self.weight, f"{self.source}.weight", 1, *self.columns)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.allreduce_(F.linear(x, self.weight))
+        return self.comm.allreduce_(linear(x, self.weight))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -85,7 +106,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _empty((rows[1] - rows[0], hidden_size), dtype, device)
 
     def load(self, reader: TensorReader) -> None:
-        self.weight.copy_(reader.read(f"{self.source}.weight", 0, *self.rows))
+        reader.read_into(self.weight, f"{self.source}.weight", 0, *self.rows)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.comm.size == 1:
@@ -112,11 +133,11 @@ class ParallelLMHead(nn.Module):
 
     def load(self, reader: TensorReader) -> None:
         if not self.tied:
-            self.weight.copy_(reader.read(f"{self.source}.weight", 0, *self.rows))
+            reader.read_into(self.weight, f"{self.source}.weight", 0, *self.rows)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor | None:
         """(..., hidden) -> (..., vocab) float32 logits on rank 0; None on other ranks."""
-        local = F.linear(h, self.weight).float()
+        local = linear(h, self.weight).float()
         return self.comm.gather(local, dim=-1, sizes=self.vocab_sizes, root=0)
 
 
@@ -132,6 +153,11 @@ class RMSNorm(nn.Module):
         self.weight.copy_(reader.read(f"{self.source}.weight"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # one fused kernel instead of six ops (per layer, twice, every decode step); the same
+        # arithmetic as transformers: normalize in float32, round to x's dtype, then scale
+        if not hasattr(F, "rms_norm"):  # torch < 2.4
+            xf = x.float()
+            return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)

@@ -24,6 +24,7 @@ from plexus.model import CausalLM
 from plexus.plan import ShardPlan
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+READ_BLOCK_BYTES = 4 * 2**20  # large slices are copied into place in blocks of about this size
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -108,13 +109,15 @@ class CheckpointReader:
     def __init__(self, model_dir: str | Path, config: ModelConfig):
         self.files = checkpoint_files(model_dir)
         self.location: dict[str, tuple[Path, list[int]]] = {}
+        self.nbytes: dict[str, int] = {}  # in the file
         for f in self.files:
             for name, info in read_header(f).items():
                 self.location[name] = (f, info["shape"])
+                self.nbytes[name] = info["data_offsets"][1] - info["data_offsets"][0]
         self.expected = expected_shapes(config)
         self.bytes_read = 0
 
-    def read(self, name: str, dim: int | None = None, start: int = 0, end: int | None = None) -> torch.Tensor:
+    def _locate(self, name: str) -> tuple[Path, list[int]]:
         if name not in self.location:
             raise PlexusError(f"{self.files[0].parent}: tensor {name} not found in the checkpoint")
         path, shape = self.location[name]
@@ -122,15 +125,39 @@ class CheckpointReader:
         if want is not None and tuple(shape) != want:
             raise PlexusError(f"{path.name}: tensor {name} has shape {list(shape)}, expected {list(want)} "
                               "from config.json")
+        return path, shape
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, end: int | None = None) -> torch.Tensor:
+        path, shape = self._locate(name)
+        index = [slice(None)] * len(shape)
+        if dim is not None:
+            index[dim] = slice(start, end)
+        return self._read_piece(path, name, tuple(index))
+
+    def read_into(self, dest: torch.Tensor, name: str, dim: int | None = None, start: int = 0,
+                  end: int | None = None) -> None:
+        """Copy tensor ``name`` (or [start, end) along ``dim``) into ``dest``, a block of rows at
+        a time: peak memory is ``dest`` plus one block, never ``dest`` plus a whole temporary
+        copy of a large slice (an embedding shard would otherwise briefly count twice)."""
+        path, shape = self._locate(name)
+        if len(shape) < 2:
+            dest.copy_(self.read(name, dim, start, end))
+            return
+        index = [slice(None)] * len(shape)
+        if dim is not None:
+            index[dim] = slice(start, end)
+        first, last, _ = index[0].indices(shape[0])
+        step = max(1, READ_BLOCK_BYTES * shape[0] // max(1, self.nbytes[name]))  # rows per block
+        for a in range(first, last, step):
+            b = min(last, a + step)
+            index[0] = slice(a, b)
+            dest[a - first:b - first].copy_(self._read_piece(path, name, tuple(index)))
+
+    def _read_piece(self, path: Path, name: str, index: tuple) -> torch.Tensor:
         try:
+            # opened per piece: the file's pages it mapped are released with it
             with safe_open(str(path), framework="pt") as f:
-                if dim is None:
-                    t = f.get_tensor(name)
-                else:
-                    sl = f.get_slice(name)
-                    index = [slice(None)] * len(shape)
-                    index[dim] = slice(start, end)
-                    t = sl[tuple(index)]
+                t = f.get_slice(name)[index]
         except Exception as e:  # safetensors raises its own error types
             raise PlexusError(f"{path.name}: cannot read tensor {name} ({e})") from None
         self.bytes_read += t.numel() * t.element_size()

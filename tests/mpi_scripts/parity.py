@@ -1,0 +1,53 @@
+"""Run under ``mpirun -n K``: load each checkpoint of a job file with ``Engine.load`` and record,
+on rank 0, the last-position logits of a prompt and the greedy tokens that follow it.
+
+    mpirun -n K python tests/mpi_scripts/parity.py JOBS.json OUT.json
+
+JOBS.json: [{"name", "dir", "prompt_ids", "max_new_tokens", "dtype" (optional)}, ...]. One
+launch handles every checkpoint, so the suite pays MPI and torch start-up once per world size.
+OUT.json (rank 0): {name: {"logits": [...], "tokens": [...], "world_size": K}}. Any exception
+aborts the whole job (no rank is left waiting in a collective).
+"""
+
+import json
+import sys
+import traceback
+
+import torch
+
+from plexus.comm import Communicator
+from plexus.engine import Engine
+from plexus.sampling import SamplingParams
+
+
+def main(jobs_path: str, out_path: str) -> None:
+    comm = Communicator()
+    torch.set_num_threads(1)
+    results = {}
+    for job in json.loads(open(jobs_path).read()):
+        engine = Engine.load(job["dir"], comm, dtype=job.get("dtype"))
+        ids = torch.tensor([job["prompt_ids"]])
+        with torch.inference_mode():
+            logits = engine.model(ids, 0)  # every rank takes part; rank 0 gets (1, 1, vocab)
+        if comm.rank == 0:
+            tokens = list(engine.generate(job["prompt_ids"], SamplingParams(max_tokens=job["max_new_tokens"])))
+            engine.shutdown()
+            results[job["name"]] = {"logits": logits[0, -1].float().tolist(), "tokens": tokens,
+                                    "world_size": comm.size}
+        else:
+            assert logits is None, "only rank 0 should receive logits"
+            engine.worker_loop()
+    if comm.rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    try:
+        main(*sys.argv[1:3])
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(1)
