@@ -62,6 +62,8 @@ plexus_mpirun() {
 
   local -a cmd=("$mpirun" -n "$np" --bind-to none)
   [[ -n "$hostfile" ]] && cmd+=(--hostfile "$hostfile")
+  # ULFM: a collective on rank 0 fails fast when a rank dies, so the endpoint answers 503
+  [[ "$sub" == serve ]] && cmd+=(--with-ft ulfm)
   ((nhosts == 1 && np > slots)) && cmd+=(--oversubscribe)
   ((EUID == 0)) && cmd+=(--allow-run-as-root)
   # A rank's stderr is a pipe under mpirun: tell rank 0 whether ours is a terminal (load bar).
