@@ -96,8 +96,9 @@ class ShardPlan:
         n = len(weights)
         c = config
         if n > c.num_heads:
-            raise PlexusError(f"cannot split {c.num_heads} attention heads across {n} ranks: "
-                              f"use at most {c.num_heads} ranks")
+            heads = "1 attention head" if c.num_heads == 1 else f"{c.num_heads} attention heads"
+            most = "1 rank" if c.num_heads == 1 else f"{c.num_heads} ranks"
+            raise PlexusError(f"cannot split {heads} across {n} ranks: use at most {most}")
         if n <= c.num_kv_heads:
             q = _ranges(partition(c.num_kv_heads, weights), scale=c.group_size)
         else:
