@@ -16,7 +16,7 @@ from torch import nn
 from plexus.comm import Communicator
 from plexus.config import ModelConfig
 from plexus.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
-                           VocabParallelEmbedding)
+                           VocabParallelEmbedding, host_empty)
 from plexus.plan import RankShard, ShardPlan
 
 
@@ -44,17 +44,25 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         pos = torch.arange(max_context, dtype=torch.float32)
         freqs = torch.outer(pos, rope_inv_freq(config))  # (T, head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim), rotate-half layout
-        self.register_buffer("cos", emb.cos().to(device), persistent=False)
-        self.register_buffer("sin", emb.sin().to(device), persistent=False)
+        self.register_buffer("cos", torch.cat((freqs, freqs), dim=-1).cos().to(device), persistent=False)
+        # rotate_half(x) * sin == swap_halves(x) * [-sin, sin]: the sign lives in the table
+        sin = freqs.sin()
+        self.register_buffer("sin", torch.cat((-sin, sin), dim=-1).to(device), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotate x (B, heads, T, head_dim) for positions start .. start+T-1."""
-        t = x.shape[-2]
-        cos = self.cos[start:start + t].to(x.dtype)
-        sin = self.sin[start:start + t].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    def tables(self, start: int, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for positions start .. start+t-1, shaped (T, 1, head_dim) to
+        broadcast over (B, T, heads, head_dim); made once per forward pass, not per layer."""
+        cos = self.cos[start:start + t].to(dtype).unsqueeze(1)
+        sin = self.sin[start:start + t].to(dtype).unsqueeze(1)
+        return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, heads, head_dim) in transformers' rotate-half layout: x*cos + rotate_half(x)*sin,
+    rounded op by op as transformers does."""
+    d = x.shape[-1]
+    swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)  # (x2, x1)
+    return x * cos + swapped * sin
 
 
 class Attention(nn.Module):
@@ -65,14 +73,13 @@ class Attention(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, shard: RankShard, prefix: str, comm: Communicator,
-                 rope: RotaryEmbedding, dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device):
         super().__init__()
         d = config.head_dim
         self.head_dim = d
         self.num_heads_per_rank = shard.num_heads
         self.num_kv_heads_per_rank = shard.num_kv_heads
         self.sliding_window = config.sliding_window
-        self.rope = rope
         (qa, qb), (ka, kb) = shard.q_heads, shard.kv_heads
         self.qkv_proj = ColumnParallelLinear(
             config.hidden_size,
@@ -92,21 +99,25 @@ class Attention(nn.Module):
     def allocate_cache(self, max_batch: int, max_context: int) -> None:
         shape = (max_batch, self.num_kv_heads_per_rank, max_context, self.head_dim)
         w = self.qkv_proj.weight
-        self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
-        self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        if w.device.type == "cpu":  # read every decode step, like the weights
+            self.k_cache, self.v_cache = host_empty(shape, w.dtype).zero_(), host_empty(shape, w.dtype).zero_()
+        else:
+            self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
+            self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         d, nq, nk = self.head_dim, self.num_heads_per_rank, self.num_kv_heads_per_rank
-        q, k, v = self.qkv_proj(x).split([nq * d, nk * d, nk * d], dim=-1)
-        q = self.rope(q.view(b, t, nq, d).transpose(1, 2), start)  # (B, nq, T, d)
-        k = self.rope(k.view(b, t, nk, d).transpose(1, 2), start)  # (B, nk, T, d)
-        v = v.view(b, t, nk, d).transpose(1, 2)  # (B, nk, T, d)
+        qkv = self.qkv_proj(x)  # (B, T, (nq + 2 nk) d)
+        qk = apply_rope(qkv[..., :(nq + nk) * d].view(b, t, nq + nk, d), cos, sin)  # q and k rotated at once
+        v = qkv[..., (nq + nk) * d:].view(b, t, nk, d)  # (B, T, nk, d)
         end = start + t
-        self.k_cache[:b, :, start:end] = k
-        self.v_cache[:b, :, start:end] = v
+        k_cache, v_cache = self.k_cache[:b], self.v_cache[:b]
+        k_cache.narrow(2, start, t).copy_(qk[:, :, nq:].transpose(1, 2))  # (B, nk, T, d)
+        v_cache.narrow(2, start, t).copy_(v.transpose(1, 2))
         lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window - t + 1)
-        keys, values = self.k_cache[:b, :, lo:end], self.v_cache[:b, :, lo:end]  # (B, nk, S, d)
+        keys, values = k_cache.narrow(2, lo, end - lo), v_cache.narrow(2, lo, end - lo)  # (B, nk, S, d)
+        q = qk[:, :, :nq].transpose(1, 2)  # (B, nq, T, d)
         if self.kv_index is not None:
             keys, values = keys.index_select(1, self.kv_index), values.index_select(1, self.kv_index)
         mask, causal = None, False
@@ -121,7 +132,8 @@ class Attention(nn.Module):
                     mask = mask & (qpos - kpos < self.sliding_window)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                              enable_gqa=self.kv_index is None and nq != nk)
-        out = out.transpose(1, 2).reshape(b, t, nq * d)  # (B, T, nq*d)
+        # (B, nq, T, d) -> (B, T, nq*d); with one position that is a free view
+        out = out.view(b, t, nq * d) if t == 1 else out.transpose(1, 2).reshape(b, t, nq * d)
         return self.o_proj(out)
 
 
@@ -139,23 +151,25 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(f"{prefix}.down_proj", cols, config.hidden_size, comm, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_per_rank, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)  # (B, T, 2 * intermediate_per_rank)
+        i = self.intermediate_per_rank
+        gate = F.silu(gate_up[..., :i], inplace=True)  # in place: no new buffers per token
+        return self.down_proj(gate.mul_(gate_up[..., i:]))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, shard: RankShard, i: int, comm: Communicator,
-                 rope: RotaryEmbedding, dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device):
         super().__init__()
         p = f"model.layers.{i}"
         eps, h = config.rms_norm_eps, config.hidden_size
         self.input_layernorm = RMSNorm(f"{p}.input_layernorm", h, eps, dtype, device)
-        self.self_attn = Attention(config, shard, f"{p}.self_attn", comm, rope, dtype, device)
+        self.self_attn = Attention(config, shard, f"{p}.self_attn", comm, dtype, device)
         self.post_attention_layernorm = RMSNorm(f"{p}.post_attention_layernorm", h, eps, dtype, device)
         self.mlp = MLP(config, shard, f"{p}.mlp", comm, dtype, device)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), start)
+    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), start, cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -171,7 +185,7 @@ class CausalLM(nn.Module):
         h = config.hidden_size
         self.embed_tokens = VocabParallelEmbedding("model.embed_tokens", shard.vocab_rows, h, comm, dtype, device)
         self.rope = RotaryEmbedding(config, max_context, device)
-        self.layers = nn.ModuleList(DecoderLayer(config, shard, i, comm, self.rope, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(config, shard, i, comm, dtype, device)
                                     for i in range(config.num_layers))
         self.norm = RMSNorm("model.norm", h, config.rms_norm_eps, dtype, device)
         self.lm_head = ParallelLMHead("lm_head", shard.vocab_rows, h, plan.vocab_sizes, comm, dtype, device,
@@ -184,8 +198,9 @@ class CausalLM(nn.Module):
     def forward(self, ids: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor | None:
         """ids (B, T) at positions start.. -> float32 logits (B, T or 1, vocab) on rank 0, None elsewhere."""
         x = self.embed_tokens(ids)  # (B, T, hidden)
+        cos, sin = self.rope.tables(start, ids.shape[1], x.dtype)
         for layer in self.layers:
-            x = layer(x, start)
+            x = layer(x, start, cos, sin)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

@@ -1,0 +1,133 @@
+"""``plexus bench`` on the tiny demo model: it runs at world sizes 1 and 2 under mpirun (and
+without mpirun), prints every field of its JSON report with sane values, runs the transformers
+baseline beside Plexus, and fails cleanly on bad usage. Benchmarks are not timed tests: nothing
+here asserts a speed, only that the numbers are present, positive and consistent with each
+other and with the checkpoint's own sizes (read from the safetensors headers here, not by
+Plexus's loader).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO_ROOT, assert_clean_error, plexus_cmd, run, run_mpi
+
+PROMPT_TOKENS, NEW_TOKENS = 12, 6
+FAST = ["--prompt-tokens", PROMPT_TOKENS, "--new-tokens", NEW_TOKENS, "--probe-mib", 8]
+REQUIRED = ("world_size", "dtype", "load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes",
+            "weight_bytes_per_rank", "achieved_gbps", "bandwidth_limit_gbps", "bandwidth_fraction")
+MiB = 2 ** 20
+
+
+def checkpoint_sizes(model_dir: Path) -> tuple[int, int]:
+    """(bytes a decode step reads in all: every tensor but the untied embedding table; bytes of
+    the RMSNorm weights, which every rank holds whole), from the safetensors headers."""
+    config = json.loads((model_dir / "config.json").read_text())
+    assert not config["tie_word_embeddings"]
+    streamed = norms = 0
+    for f in model_dir.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name == "__metadata__" or name == "model.embed_tokens.weight":
+                continue
+            size = info["data_offsets"][1] - info["data_offsets"][0]
+            streamed += size
+            if name.endswith("norm.weight"):
+                norms += size
+    return streamed, norms
+
+
+def bench_report(result) -> dict:
+    assert result.rc == 0 and not result.timed_out, result.describe()
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, result.describe()  # one JSON object, from rank 0 only
+    return json.loads(lines[0])
+
+
+def check_report(r: dict, world_size: int, model_dir: Path, baseline: bool) -> None:
+    for key in REQUIRED:
+        assert key in r, f"missing {key}: {r}"
+    assert r["world_size"] == world_size and r["dtype"] == "float32"
+    assert r["prompt_tokens"] == PROMPT_TOKENS and r["new_tokens"] == NEW_TOKENS  # EOS never stops the bench
+    assert 0 < r["load_s"] < 120 and 0 < r["ttft_s"] < 60
+    assert r["prefill_tok_s"] == pytest.approx(PROMPT_TOKENS / r["ttft_s"])
+    assert r["decode_tok_s"] > 0
+    for key in ("peak_rss_bytes", "rss_growth_bytes", "weight_bytes_per_rank", "threads_per_rank", "devices",
+                "bandwidth_limit_gbps_per_rank", "achieved_gbps_per_rank", "peak_device_bytes"):
+        assert isinstance(r[key], list) and len(r[key]) == world_size, (key, r[key])
+    for peak in r["peak_rss_bytes"]:
+        assert 50 * MiB < peak < 16 * 2 ** 30  # a Python + torch process, and no more than the machine
+    for growth in r["rss_growth_bytes"]:
+        assert abs(growth) < 64 * MiB  # a few tokens of a tiny model allocate nothing that stays
+    assert r["devices"] == ["cpu"] * world_size and r["peak_device_bytes"] == [None] * world_size
+    # every rank reads its own share of the weights per step; the norms are held by every rank
+    streamed, norms = checkpoint_sizes(model_dir)
+    assert sum(r["weight_bytes_per_rank"]) == streamed + (world_size - 1) * norms
+    for b in r["weight_bytes_per_rank"]:
+        assert b >= streamed / world_size * 0.8
+    assert r["achieved_gbps"] == pytest.approx(sum(r["weight_bytes_per_rank"]) * r["decode_tok_s"] / 1e9)
+    assert all(b > 0 for b in r["bandwidth_limit_gbps_per_rank"])
+    assert r["bandwidth_limit_gbps"] == pytest.approx(sum(r["bandwidth_limit_gbps_per_rank"]))
+    assert r["bandwidth_fraction"] == pytest.approx(r["achieved_gbps"] / r["bandwidth_limit_gbps"])
+    assert r["probe"]["matrix_bytes"] >= 4 * MiB
+    assert "torch.nn.functional.linear" in r["probe"]["kernels_gbps_per_rank"][0]
+    assert all(cores >= 0 for cores in r["other_load_cores"].values())
+    if baseline:
+        b = r["baseline"]
+        assert b["name"] == "transformers" and b["new_tokens"] == NEW_TOKENS
+        assert b["decode_tok_s"] > 0 and b["prefill_tok_s"] > 0 and b["ttft_s"] > 0
+        assert r["decode_vs_baseline"] == pytest.approx(r["decode_tok_s"] / b["decode_tok_s"])
+        assert r["prefill_vs_baseline"] == pytest.approx(r["prefill_tok_s"] / b["prefill_tok_s"])
+    else:
+        assert "baseline" not in r and "decode_vs_baseline" not in r
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_bench_json_under_mpirun(demo_tiny, world_size):
+    result = run_mpi(world_size, plexus_cmd("bench", "--model", demo_tiny, *FAST, "--baseline", "transformers",
+                                            "--json"), timeout=200)
+    r = bench_report(result)
+    check_report(r, world_size, demo_tiny, baseline=True)
+    print(f"ws{world_size}: {result.elapsed:.1f}s, decode {r['decode_tok_s']:.0f} tok/s, "
+          f"{r['decode_vs_baseline']:.2f}x transformers")
+
+
+@pytest.mark.timeout(180)
+def test_bench_preset_without_mpirun_prints_a_table(tmp_path):
+    """Plain ``plexus bench`` is world size 1 on every core; --preset writes the demo model into
+    the cache once (here a temporary PLEXUS_CACHE) and reuses it."""
+    cache = tmp_path / "cache"
+    args = plexus_cmd("bench", "--preset", "tiny", *FAST)
+    first = run(args, timeout=150, env={"PLEXUS_CACHE": str(cache)})
+    assert first.rc == 0 and not first.timed_out, first.describe()
+    model_dir = cache / "demo-tiny"
+    assert (model_dir / "config.json").is_file()
+    for label in ("load", "time to first", "decode", "bandwidth", "peak RSS", "tok/s", str(model_dir)):
+        assert label in first.stdout, first.describe()
+    again = run([*args, "--json"], timeout=150, env={"PLEXUS_CACHE": str(cache)})
+    r = bench_report(again)
+    assert r["model"] == str(model_dir) and "writing" not in again.stderr
+    check_report(r, 1, model_dir, baseline=False)
+
+
+@pytest.mark.timeout(120)
+def test_bench_baseline_without_transformers_is_a_clear_error(demo_tiny, tmp_path):
+    shim = tmp_path / "shim" / "transformers"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError(\"No module named 'transformers'\")\n")
+    result = run_mpi(2, plexus_cmd("bench", "--model", demo_tiny, *FAST, "--baseline", "transformers"),
+                     timeout=90, env={"PYTHONPATH": f"{shim.parent}:{REPO_ROOT}"})
+    assert_clean_error(result, "--baseline transformers needs the transformers package", "pip install")
+
+
+@pytest.mark.timeout(120)
+def test_bench_model_and_preset_together_is_a_usage_error(demo_tiny):
+    result = run(plexus_cmd("bench", "--model", demo_tiny, "--preset", "tiny", *FAST), timeout=90)
+    assert_clean_error(result, "--model or --preset, not both")
