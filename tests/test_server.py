@@ -17,12 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from plexus.engine import Completion
+from plexus.engine import Engine
 from plexus.errors import PlexusError
 from plexus.openai_api import APIError, parse_chat, parse_completion, parse_json
 from plexus.scheduler import FAILED, STOPPING, Scheduler
 from plexus.server import HttpServer, create_app
-from plexus.tokenizer import IncrementalDecoder
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,37 +77,24 @@ class FakeEngine:
         if bad:
             raise PlexusError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
 
-    def complete(self, tokenizer, prompt_ids, params, on_text=None, cancelled=lambda: False):
-        self.started.set()
-        if self.raise_next:
-            err, self.raise_next = self.raise_next, None
-            raise err
-        decoder = IncrementalDecoder(tokenizer, params.stop)
-        result = Completion(list(prompt_ids))
-        for i, token in enumerate(expected(prompt_ids, params.max_tokens)):
+    eos_token_ids = frozenset({EOS})
+
+    def generate(self, prompt_ids, params):
+        """Like Engine.generate: yields tokens until EOS or max_tokens, one step per token."""
+        for token in expected(prompt_ids, params.max_tokens):
             while self.block.is_set():
                 time.sleep(0.01)
             time.sleep(self.delay)
             self.tokens_made += 1
-            result.ttft_s = result.ttft_s or 0.001
-            result.token_ids.append(token)
-            if token == EOS:
-                result.finish_reason = "stop"
-                break
-            delta = decoder.add(token)
-            if delta and on_text:
-                on_text(delta)
-            if decoder.stopped:
-                result.finish_reason = "stop"
-                break
-            if cancelled():
-                result.finish_reason = "cancelled"
-                break
-        tail = decoder.finish()
-        if tail and on_text:
-            on_text(tail)
-        result.text = decoder.text
-        return result
+            yield token
+
+    def complete(self, *args, **kwargs):
+        """The real Engine.complete (stop strings, cancel, detokenizing) over the fake steps."""
+        self.started.set()
+        if self.raise_next:
+            err, self.raise_next = self.raise_next, None
+            raise err
+        return Engine.complete(self, *args, **kwargs)
 
     def ping(self):
         self.pings += 1
