@@ -119,7 +119,8 @@ class CheckpointReader:
 
     def _locate(self, name: str) -> tuple[Path, list[int]]:
         if name not in self.location:
-            raise PlexusError(f"{self.files[0].parent}: tensor {name} not found in the checkpoint")
+            files = ", ".join(f.name for f in self.files)
+            raise PlexusError(f"{self.files[0].parent}: tensor {name} not found in {files}")
         path, shape = self.location[name]
         want = self.expected.get(name)
         if want is not None and tuple(shape) != want:

@@ -74,7 +74,7 @@ def index_to_pickle(tmp, base):
 def missing_tensor(tmp, base):
     d = _copy(base, tmp / "missing-tensor")
     _edit_tensors(d, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
-    return ["--model", d], ["model.layers.1.mlp.down_proj.weight", "not found"]
+    return ["--model", d], ["model.layers.1.mlp.down_proj.weight", "not found in model.safetensors"]
 
 
 def wrong_shape(tmp, base):
