@@ -39,27 +39,7 @@ def common_engine_options(f):
         click.option("-v", "--verbose", is_flag=True, help="More log output."),
     ]):
         f = opt(f)
-    f = _pool_options_passthrough(f)
     return config_option(f)  # --config: listed first in --help, read before the other options
-
-
-def _pool_options_passthrough(f):
-    """Commands whose function does not (yet) take ``split``/``max_memory`` still run: they get
-    the defaults, and a non-default value is a usage error instead of being silently ignored."""
-    import functools
-    import inspect
-
-    params = inspect.signature(f).parameters
-    if {"split", "max_memory"} <= set(params) or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return f
-
-    @functools.wraps(f)
-    def wrapper(*args, split="memory", max_memory=None, **kwargs):
-        if split != "memory" or max_memory is not None:
-            raise click.UsageError("this command does not support --split/--max-memory yet")
-        return f(*args, **kwargs)
-
-    return wrapper
 
 
 class LazyGroup(click.Group):

@@ -9,8 +9,8 @@ Rank 0 writes [{"rank", "rss_before", "hwm_after", "rss_after", "hwm_reset"} ...
 """
 
 import json
-import sys
-import traceback
+
+from _abort import run  # this folder (the script's own) is on sys.path
 
 
 def status_kb(field: str) -> int:
@@ -50,11 +50,4 @@ def main(model_dir: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(*sys.argv[1:3])
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        from mpi4py import MPI
-
-        MPI.COMM_WORLD.Abort(1)
+    run(main)

@@ -10,10 +10,9 @@ aborts the whole job (no rank is left waiting in a collective).
 """
 
 import json
-import sys
-import traceback
 
 import torch
+from _abort import run  # this folder (the script's own) is on sys.path
 
 from plexus.comm import Communicator
 from plexus.engine import Engine
@@ -43,11 +42,4 @@ def main(jobs_path: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(*sys.argv[1:3])
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        from mpi4py import MPI
-
-        MPI.COMM_WORLD.Abort(1)
+    run(main)
