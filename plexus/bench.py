@@ -143,16 +143,27 @@ def resident_weight_bytes(model) -> int:
 
 # ---- bandwidth probe ----------------------------------------------------------------------------
 
-def matvec_kernels() -> dict:
-    """The matrix-vector products the probe times: torch's stock ``F.linear`` and the kernel the
-    engine's layers use (the same function where the engine has no kernel of its own). The limit
-    is the fastest of them, so an engine kernel cannot flatter itself."""
+def matvec_kernels(dtype: torch.dtype, device: torch.device) -> dict:
+    """The matrix-vector products the probe times: torch's stock ``F.linear``, the kernel the
+    engine's layers use (the same function where the engine has no kernel of its own), and the
+    fused decode kernel's loop where the engine decodes with it. The limit is the fastest of
+    them, so an engine kernel cannot flatter itself."""
     from plexus import layers
 
     kernels = {"torch.nn.functional.linear": lambda x, w: F.linear(x, w)}
     engine_linear = getattr(layers, "linear", None)
     if engine_linear is not None:
         kernels["plexus.layers.linear"] = lambda x, w: engine_linear(x, w)
+    if dtype == torch.float32 and device.type == "cpu":
+        from plexus import kernels as fused
+        if fused.library() is not None:  # the fused decode kernel's own streaming loop
+            outs = {}
+
+            def fused_matvec(x, w):
+                if w.shape[0] not in outs:
+                    outs[w.shape[0]] = torch.empty(w.shape[0])
+                fused.matvec(w, x, outs[w.shape[0]])
+            kernels["plexus.kernels.matvec"] = fused_matvec
     return kernels
 
 
@@ -175,7 +186,7 @@ def measure_bandwidth(dtype: torch.dtype, device: torch.device, nbytes: int, wid
     x = torch.ones((1, width), dtype=dtype, device=device)
     size = w.numel() * w.element_size()
     result = {"matrix_bytes": int(size), "shape": [rows, width], "kernels": {}}
-    for name, kernel in matvec_kernels().items():
+    for name, kernel in matvec_kernels(dtype, device).items():
         kernel(x, w)
         synchronize(device)
         times = []

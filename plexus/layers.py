@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plexus import kernels
 from plexus.comm import Communicator
 
 
@@ -47,6 +48,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows of W over all of the rank's threads (1.8-2.5x the GB/s on a 2-core EPYC, see
     docs/benchmarks.md), and is faster for prefill's many rows too."""
     if use_onednn and weight.dtype in ONEDNN_DTYPES and weight.device.type == "cpu":
+        if bias is None and x.numel() == weight.shape[1] and kernels.library() is not None:
+            # one row (a decode step's LM head): the fused kernel's loop streams faster still
+            out = x.new_empty(*x.shape[:-1], weight.shape[0])
+            kernels.matvec(weight, x.contiguous(), out)
+            return out
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

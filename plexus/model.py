@@ -15,6 +15,7 @@ from torch import nn
 
 from plexus.comm import Communicator
 from plexus.config import ModelConfig
+from plexus.kernels import FusedDecoder
 from plexus.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
                            VocabParallelEmbedding, host_empty)
 from plexus.plan import RankShard, ShardPlan
@@ -190,17 +191,24 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm("model.norm", h, config.rms_norm_eps, dtype, device)
         self.lm_head = ParallelLMHead("lm_head", shard.vocab_rows, h, plan.vocab_sizes, comm, dtype, device,
                                       tied=self.embed_tokens if config.tie_word_embeddings else None)
+        self.fused: FusedDecoder | None = None
 
     def allocate_cache(self, max_batch: int = 1) -> None:
+        """Preallocate the KV cache; with weights and cache in place, build the fused decode
+        step where it applies (float32 on the CPU, see plexus/kernels.py)."""
         for layer in self.layers:
             layer.self_attn.allocate_cache(max_batch, self.max_context)
+        self.fused = FusedDecoder.for_model(self)
 
     def forward(self, ids: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor | None:
         """ids (B, T) at positions start.. -> float32 logits (B, T or 1, vocab) on rank 0, None elsewhere."""
         x = self.embed_tokens(ids)  # (B, T, hidden)
-        cos, sin = self.rope.tables(start, ids.shape[1], x.dtype)
-        for layer in self.layers:
-            x = layer(x, start, cos, sin)
+        if self.fused is not None and ids.shape == (1, 1):
+            x = self.fused(x, start)  # one new token: the same layers, each half one fused C call
+        else:
+            cos, sin = self.rope.tables(start, ids.shape[1], x.dtype)
+            for layer in self.layers:
+                x = layer(x, start, cos, sin)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

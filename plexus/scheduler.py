@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Callable
 
-from plexus.errors import PlexusError
+from plexus.errors import MeshBroken, PlexusError
 from plexus.log import get_logger
 from plexus.metrics import ServerMetrics
 from plexus.openai_api import APIError, unavailable
@@ -235,6 +235,9 @@ class Scheduler:
         self._busy_since = self._progress = time.monotonic()
         try:
             return fn()
+        except MeshBroken as e:  # a peer rank on this node died or stalled (plexus/kernels.py)
+            self.fail(f"{e}; a rank has probably died", "mpi")
+            raise _MeshFailure() from e
         except PlexusError:
             raise
         except Exception as e:

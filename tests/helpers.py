@@ -244,7 +244,9 @@ def make_hf_checkpoint(kind: str, out_dir: str | Path, seed: int = 0, dtype: str
 def hf_reference(model_dir: str | Path, prompt_ids: Sequence[int], max_new_tokens: int = 24,
                  dtype: str = "float32") -> dict:
     """transformers' answer for ``model_dir``: {"logits": last-position float32 logits (list),
-    "tokens": ``max_new_tokens`` greedy tokens from ``generate(do_sample=False)``}."""
+    "tokens": ``max_new_tokens`` greedy tokens from ``generate(do_sample=False)``, "step_logits":
+    the logits ``generate`` chose each of those tokens from (the first from the prompt, then one
+    per decode step)}."""
     import torch
     import transformers
 
@@ -255,5 +257,6 @@ def hf_reference(model_dir: str | Path, prompt_ids: Sequence[int], max_new_token
         logits = model(ids).logits[0, -1].float()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    return {"logits": logits.tolist(), "tokens": out[0, ids.shape[1]:].tolist()}
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    return {"logits": logits.tolist(), "tokens": out.sequences[0, ids.shape[1]:].tolist(),
+            "step_logits": [step[0].float().tolist() for step in out.logits]}

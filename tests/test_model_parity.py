@@ -135,6 +135,26 @@ def test_greedy_tokens_match_transformers_generate(plexus_runs, references, worl
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_every_decode_step_matches_transformers(plexus_runs, references, world_size, name):
+    """The logits of each one-token decode step (on the CPU in float32: the fused C kernel,
+    plexus/kernels.py), against the logits transformers' generate chose each token from."""
+    run = plexus_runs(world_size)[name]
+    want = torch.tensor(references[name][1]["step_logits"][1:])
+    got = torch.tensor(run["step_logits"])
+    assert got.shape == want.shape == (MAX_NEW_TOKENS - 1, want.shape[1])
+    diff = (got - want).abs().max().item()
+    assert diff <= TOL, f"{name} at {world_size} ranks: max abs decode-step logit difference {diff:.3g}"
+    from plexus import kernels
+
+    if kernels.library() is not None:  # this machine builds the kernel (test_kernels.py checks where it must)
+        assert all(run["fused"]), f"the fused decode kernel was not used: {run['fused']}"
+        # every rank on this one machine: the per-layer sums go through shared memory, not MPI
+        assert all(run["node_group"]) == (world_size > 1), run["node_group"]
+
+
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", list(LOW_PRECISION))
 def test_half_precision_at_two_ranks(plexus_runs, references, bf16_checkpoint, name):
     """bfloat16/float16 weights and activations, sums reduced across 2 ranks: close to

@@ -129,7 +129,10 @@ def test_split_weights():
 
 class _FakeComm:
     def __init__(self, rank: int, size: int):
-        self.rank, self.size = rank, size
+        self.rank, self.size, self.local_size = rank, size, size
+
+    def allgather_obj(self, obj):  # every pretend rank answers the same
+        return [obj] * self.size
 
 
 @pytest.mark.parametrize("cfg, weights", [

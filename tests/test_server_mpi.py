@@ -22,7 +22,7 @@ import openai
 import psutil
 import pytest
 
-from tests.helpers import assert_clean_error, mpi_env, mpirun_cmd, plexus_cmd, run_mpi
+from tests.helpers import assert_clean_error, make_hf_checkpoint, mpi_env, mpirun_cmd, plexus_cmd, run_mpi
 from tests.test_server import BAD_REQUESTS, assert_error_shape, materialize, request_headers
 
 KEY = "sk-plexus-env"
@@ -118,6 +118,17 @@ def metric(port, name) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.fixture(scope="module")
+def slow_model(demo_tiny, tmp_path_factory):
+    """A model with the tiny demo's tokenizer and name but 200 MB of float32 weights and a
+    4096-token context: a long request takes seconds even with the fused decode kernel, so
+    the signal and worker-death tests can be sure one is in flight."""
+    return make_hf_checkpoint("llama", tmp_path_factory.mktemp("slow") / "tiny", tokenizer_from=demo_tiny,
+                              hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                              num_key_value_heads=8, vocab_size=512, max_position_embeddings=4096,
+                              tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")
@@ -345,15 +356,15 @@ def test_sigterm_to_rank0_drains_then_every_rank_exits_0(demo_tiny):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_to_mpirun_every_rank_exits_0(demo_tiny, tmp_path, sig):
+def test_signal_to_mpirun_every_rank_exits_0(slow_model, tmp_path, sig):
     # each rank runs under a shell that records its exit status (mpirun's own status is 1
     # whenever PRRTE ended the job itself, whatever the ranks did)
     record = ['sh', '-c', f'trap "" TERM INT; "$@"; echo $? > {tmp_path}/rank$OMPI_COMM_WORLD_RANK', 'sh']
-    s = Serve(demo_tiny, wrap=record)
+    s = Serve(slow_model, wrap=record)
     try:
         s.wait_ready()
         out = {}
-        t = threading.Thread(target=_long_request, args=(s.port, out, "a"))
+        t = threading.Thread(target=_long_request, args=(s.port, out, "a"), kwargs=dict(max_tokens=2000))
         t.start()
         time.sleep(0.3)
         t0 = time.monotonic()
@@ -375,7 +386,8 @@ def _kill_worker_mid_flight(s: Serve):
     s.wait_ready()
     out, threads = {}, []
     for i in range(5):
-        threads.append(threading.Thread(target=_long_request, args=(s.port, out, i), kwargs=dict(stream=i == 0)))
+        threads.append(threading.Thread(target=_long_request, args=(s.port, out, i),
+                                        kwargs=dict(stream=i == 0, max_tokens=2000)))
         threads[-1].start()
         time.sleep(0.15 if i == 0 else 0.02)
     time.sleep(0.3)
@@ -387,8 +399,8 @@ def _kill_worker_mid_flight(s: Serve):
 
 
 @pytest.mark.timeout(120)
-def test_worker_death_under_ulfm_gives_503_and_nonzero_exit(demo_tiny):
-    s = Serve(demo_tiny, mpirun_args=("--with-ft", "ulfm"))
+def test_worker_death_under_ulfm_gives_503_and_nonzero_exit(slow_model):
+    s = Serve(slow_model, mpirun_args=("--with-ft", "ulfm"))
     try:
         out, t0 = _kill_worker_mid_flight(s)
         answered = time.monotonic() - t0
@@ -407,11 +419,11 @@ def test_worker_death_under_ulfm_gives_503_and_nonzero_exit(demo_tiny):
 
 
 @pytest.mark.timeout(120)
-def test_worker_death_under_plain_mpirun_gives_503_and_nonzero_exit(demo_tiny):
+def test_worker_death_under_plain_mpirun_gives_503_and_nonzero_exit(slow_model):
     """Without ULFM, PRRTE ends the job itself (SIGCONT, SIGTERM, SIGKILL 0.25 s apart); rank 0
     answers its waiting clients in that half second (best effort: on a starved machine a
     response may not make it out before the SIGKILL, then that client sees the connection close)."""
-    s = Serve(demo_tiny)
+    s = Serve(slow_model)
     try:
         out, t0 = _kill_worker_mid_flight(s)
         rc = s.wait(15)

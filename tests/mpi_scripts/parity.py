@@ -5,8 +5,11 @@ on rank 0, the last-position logits of a prompt and the greedy tokens that follo
 
 JOBS.json: [{"name", "dir", "prompt_ids", "max_new_tokens", "dtype" (optional)}, ...]. One
 launch handles every checkpoint, so the suite pays MPI and torch start-up once per world size.
-OUT.json (rank 0): {name: {"logits": [...], "tokens": [...], "world_size": K}}. Any exception
-aborts the whole job (no rank is left waiting in a collective).
+OUT.json (rank 0): {name: {"logits": [...], "tokens": [...], "world_size": K, "step_logits":
+[[...], ...], "fused": [bool per rank], "node_group": [bool per rank]}}: step_logits are the
+logits of each decode step, replayed over the greedy tokens (the path one-token steps take,
+which is the fused kernel where ``fused``). Any exception aborts the whole job (no rank is left
+waiting in a collective).
 """
 
 import json
@@ -36,6 +39,22 @@ def main(jobs_path: str, out_path: str) -> None:
         else:
             assert logits is None, "only rank 0 should receive logits"
             engine.worker_loop()
+        # replay: the prompt, then each greedy token as a one-token step, every rank in step
+        tokens = comm.bcast_obj(tokens if comm.rank == 0 else None)
+        steps = []
+        with torch.inference_mode():
+            out = engine.model(ids, 0)
+            pos = ids.shape[1]
+            for tok in tokens[:-1]:
+                out = engine.model(torch.tensor([[tok]]), pos)
+                pos += 1
+                if comm.rank == 0:
+                    steps.append(out[0, -1].float().tolist())
+        fused = engine.model.fused
+        flags = comm.allgather_obj((fused is not None, fused is not None and fused.group is not None))
+        if comm.rank == 0:
+            results[job["name"]].update(step_logits=steps, fused=[f for f, _ in flags],
+                                        node_group=[g for _, g in flags])
     if comm.rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)

@@ -1,0 +1,268 @@
+/* One decoder layer's step for one new token, float32, on the CPU: Plexus's fused decode kernel.
+ *
+ * Eager torch spends ~25 small ops per layer around the four matrix-vector products, each
+ * dispatched cold after the weight stream has evicted the caches (docs/benchmarks.md). Here a
+ * half-layer is one call: one OpenMP team streams the weights (8 rows at a time, the rows split
+ * evenly over the team) and does the small work between the products in place.
+ *
+ * The arithmetic is the model's (plexus/model.py), in float32: RMSNorm, rotate-half RoPE from the
+ * model's cos / signed-sin tables, grouped-query attention over the KV cache, SwiGLU. Built and
+ * loaded by plexus/kernels.py, which keeps the layout of the structs below in step with ctypes.
+ */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, sched_yield under -std=c11 */
+#include <errno.h>
+#include <math.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <string.h>
+#include <time.h>
+#include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    const float *input_norm, *qkv_weight, *qkv_bias, *o_weight; /* qkv_bias may be NULL */
+    const float *post_norm, *gate_up_weight, *down_weight;
+    float *k_cache, *v_cache;  /* this rank's KV heads of batch row 0: (kv heads, max_context, head_dim) */
+    const long *kv_of_q;       /* the local KV head each local query head reads */
+    long num_heads, num_kv_heads, head_dim, hidden, intermediate, max_context, window; /* window 0: none */
+    float eps;
+} Layer;
+
+typedef struct {
+    float *normed;   /* hidden */
+    float *qkv;      /* (num_heads + 2 num_kv_heads) head_dim */
+    float *attn;     /* num_heads head_dim */
+    float *scores;   /* num_heads max_context */
+    float *gate_up;  /* 2 intermediate */
+} Scratch;
+
+/* Ranks of one node summing their partial outputs through a shared memory segment (made by
+ * plexus/kernels.py): the allreduce after each half-layer without leaving the C call. The
+ * segment holds one cache line per rank (its count of reductions posted, then its process id),
+ * then two alternating sets of slots of n floats per rank: a rank can be at most one
+ * reduction ahead of any other, so the set it writes was read by every rank before. */
+typedef struct {
+    char *base;
+    long ranks, rank, n, stride; /* stride: floats per slot, a multiple of 16 */
+    long seq;                    /* reductions done by this rank */
+    double timeout_s;            /* give up waiting for another rank after this long */
+    int failed;                  /* 1: a rank stopped answering for timeout_s; 2: a rank's process is gone */
+} Group;
+
+#define LINE 64
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* out = the sum of every rank's out, in rank order (so every rank gets the same bits) */
+static int group_allreduce(Group *g, float *out) {
+    long seq = ++g->seq;
+    float *slots = (float *)(g->base + g->ranks * LINE) + (seq & 1) * g->ranks * g->stride;
+    memcpy(slots + g->rank * g->stride, out, g->n * sizeof(float));
+    atomic_store_explicit((_Atomic long *)(g->base + g->rank * LINE), seq, memory_order_release);
+    for (long r = 0; r < g->ranks; r++) {
+        _Atomic long *flag = (_Atomic long *)(g->base + r * LINE);
+        double deadline = 0.0;
+        for (long spins = 0; atomic_load_explicit(flag, memory_order_acquire) < seq; spins++) {
+            if (spins < 4096) continue;
+            sched_yield(); /* ranks sharing cores (oversubscribed) let the others run */
+            if ((spins & 1023) == 0) {
+                double t = now_s();
+                pid_t pid = (pid_t)((long *)(g->base + r * LINE))[1];
+                if (pid > 0 && kill(pid, 0) != 0 && errno == ESRCH) return g->failed = 2;
+                if (deadline == 0.0) deadline = t + g->timeout_s;
+                else if (t > deadline) return g->failed = 1;
+            }
+        }
+    }
+    for (long i = 0; i < g->n; i++) {
+        float acc = slots[i];
+        for (long r = 1; r < g->ranks; r++) acc += slots[r * g->stride + i];
+        out[i] = acc;
+    }
+    return 0;
+}
+
+#define ROWS 8 /* rows of W per pass over x: 8 streams in flight, measured best on AVX-512 */
+
+/* y[r] = W[r] . x (+ b[r]) for this thread's share of the rows, in blocks of ROWS */
+static void matvec_part(const float *W, const float *b, const float *x, float *y, long n, long k) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    long blocks = (n + ROWS - 1) / ROWS;
+    long r = blocks * t / T * ROWS, end = blocks * (t + 1) / T * ROWS;
+    if (end > n) end = n;
+    for (; r + ROWS <= end; r += ROWS) {
+        const float *w = W + r * k;
+        long j = 0;
+        float acc[ROWS] = {0};
+#if defined(__AVX512F__)
+        __m512 a[ROWS];
+        for (int i = 0; i < ROWS; i++) a[i] = _mm512_setzero_ps();
+        for (; j + 16 <= k; j += 16) {
+            __m512 xv = _mm512_loadu_ps(x + j);
+            for (int i = 0; i < ROWS; i++) a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(w + i * k + j), xv, a[i]);
+        }
+        for (int i = 0; i < ROWS; i++) acc[i] = _mm512_reduce_add_ps(a[i]);
+#endif
+        for (; j < k; j++)
+            for (int i = 0; i < ROWS; i++) acc[i] += w[i * k + j] * x[j];
+        for (int i = 0; i < ROWS; i++) y[r + i] = acc[i] + (b ? b[r + i] : 0.0f);
+    }
+    for (; r < end; r++) {
+        const float *w = W + r * k;
+        float acc = 0.0f;
+        for (long j = 0; j < k; j++) acc += w[j] * x[j];
+        y[r] = acc + (b ? b[r] : 0.0f);
+    }
+}
+
+static void add_into(float *x, const float *y, long n) {
+#pragma omp simd
+    for (long i = 0; i < n; i++) x[i] += y[i];
+}
+
+static void rms_norm(const float *x, const float *w, float *out, long n, float eps) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (long i = 0; i < n; i++) ss += x[i] * x[i];
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+#pragma omp simd
+    for (long i = 0; i < n; i++) out[i] = w[i] * (x[i] * inv);
+}
+
+/* x*cos + rotate_half(x)*sin, in place, for one head; sin carries rotate-half's sign */
+static void rope(float *x, const float *cos, const float *sin, long d) {
+    long h = d / 2;
+    for (long i = 0; i < h; i++) {
+        float a = x[i], b = x[i + h];
+        x[i] = a * cos[i] + b * sin[i];
+        x[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+/* softmax(q K^T / sqrt(d)) V over cached positions lo..pos, for one query head */
+static void attend(const float *q, const float *K, const float *V, float *s, float *out, long lo, long pos, long d) {
+    float scale = 1.0f / sqrtf((float)d), mx = -INFINITY, sum = 0.0f;
+    for (long p = lo; p <= pos; p++) {
+        const float *k = K + p * d;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (long i = 0; i < d; i++) dot += q[i] * k[i];
+        s[p] = dot * scale;
+        if (s[p] > mx) mx = s[p];
+    }
+    for (long p = lo; p <= pos; p++) {
+        s[p] = expf(s[p] - mx);
+        sum += s[p];
+    }
+    for (long i = 0; i < d; i++) out[i] = 0.0f;
+    for (long p = lo; p <= pos; p++) {
+        const float *v = V + p * d;
+        float w = s[p] / sum;
+#pragma omp simd
+        for (long i = 0; i < d; i++) out[i] += w * v[i];
+    }
+}
+
+/* x += out first when ``before`` (the previous half's allreduced output); then
+ * out = o_proj(attention(input_norm(x))), this rank's partial sum; when ``after``, out is summed
+ * over the group's ranks (if there is a group) and added to x */
+void plexus_attention(const Layer *L, const Scratch *S, float *x, float *out, long pos,
+                      const float *cos, const float *sin, int before, int after, Group *g, int threads) {
+    long d = L->head_dim, nq = L->num_heads, nk = L->num_kv_heads, T = L->max_context;
+    long lo = L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+        {
+            if (before) add_into(x, out, L->hidden);
+            rms_norm(x, L->input_norm, S->normed, L->hidden, L->eps);
+        }
+        matvec_part(L->qkv_weight, L->qkv_bias, S->normed, S->qkv, (nq + 2 * nk) * d, L->hidden);
+#pragma omp barrier
+#pragma omp for
+        for (long h = 0; h < nq + nk; h++) {
+            float *head = S->qkv + h * d;
+            rope(head, cos, sin, d);
+            if (h >= nq) { /* a KV head: store its k and v at pos */
+                long kv = h - nq;
+                float *kc = L->k_cache + (kv * T + pos) * d, *vc = L->v_cache + (kv * T + pos) * d;
+                const float *v = S->qkv + (nq + nk + kv) * d;
+                for (long i = 0; i < d; i++) { kc[i] = head[i]; vc[i] = v[i]; }
+            }
+        }
+#pragma omp for
+        for (long h = 0; h < nq; h++) {
+            long kv = L->kv_of_q[h];
+            attend(S->qkv + h * d, L->k_cache + kv * T * d, L->v_cache + kv * T * d, S->scores + h * T,
+                   S->attn + h * d, lo, pos, d);
+        }
+        matvec_part(L->o_weight, NULL, S->attn, out, L->hidden, nq * d);
+        if (after) {
+#pragma omp barrier
+            if (g) {
+#pragma omp single
+                group_allreduce(g, out);
+            }
+#pragma omp for
+            for (long i = 0; i < L->hidden; i++) x[i] += out[i];
+        }
+    }
+}
+
+/* the same for the MLP: out = down(silu(gate(n)) * up(n)) with n = post_norm(x) */
+void plexus_mlp(const Layer *L, const Scratch *S, float *x, float *out, int before, int after, Group *g,
+                int threads) {
+    long m = L->intermediate;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+        {
+            if (before) add_into(x, out, L->hidden);
+            rms_norm(x, L->post_norm, S->normed, L->hidden, L->eps);
+        }
+        matvec_part(L->gate_up_weight, NULL, S->normed, S->gate_up, 2 * m, L->hidden);
+#pragma omp barrier
+#pragma omp for
+        for (long i = 0; i < m; i++) {
+            float g = S->gate_up[i];
+            S->gate_up[i] = g / (1.0f + expf(-g)) * S->gate_up[m + i];
+        }
+        matvec_part(L->down_weight, NULL, S->gate_up, out, L->hidden, m);
+        if (after) {
+#pragma omp barrier
+            if (g) {
+#pragma omp single
+                group_allreduce(g, out);
+            }
+#pragma omp for
+            for (long i = 0; i < L->hidden; i++) x[i] += out[i];
+        }
+    }
+}
+
+/* Every layer, both halves, residuals added, x updated in place: a world of one rank (g NULL)
+ * or the ranks of one node (g their group). Non-zero: the group failed (Group.failed). */
+int plexus_layers(const Layer *layers, long n, const Scratch *S, float *x, float *out, long pos,
+                  const float *cos, const float *sin, Group *g, int threads) {
+    for (long i = 0; i < n; i++) {
+        plexus_attention(layers + i, S, x, out, pos, cos, sin, 0, 1, g, threads);
+        if (g && g->failed) return g->failed;
+        plexus_mlp(layers + i, S, x, out, 0, 1, g, threads);
+        if (g && g->failed) return g->failed;
+    }
+    return 0;
+}
+
+/* y = W x, for the bandwidth probe: the same streaming loop the layers use */
+void plexus_matvec(const float *W, const float *x, float *y, long n, long k, int threads) {
+#pragma omp parallel num_threads(threads)
+    matvec_part(W, NULL, x, y, n, k);
+}

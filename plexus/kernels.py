@@ -1,0 +1,261 @@
+"""The fused float32 decode kernel (plexus/csrc/decode.c): build, load, and run it.
+
+A decode step on the CPU is memory-bound: it should cost the time to stream the rank's weights
+once. Eager torch adds ~25 small dispatched ops per layer, each run cache-cold after the weight
+stream, which cost about a fifth of the step (docs/benchmarks.md). ``FusedDecoder`` runs each
+half of a decoder layer (attention, MLP) as one C call instead; tensor parallelism is unchanged:
+the same shards, and the same allreduce after each half on worlds of more than one rank.
+
+The C file is compiled on first use with the machine's C compiler (``cc -O3 -march=native
+-fopenmp``) into ``$PLEXUS_CACHE/kernels`` and reused. Where there is no compiler, no OpenMP, or
+the build fails, the engine runs the eager torch path, which computes the same thing.
+``PLEXUS_KERNELS=0`` turns the kernel off, ``=1`` allows it off x86-64 (where it is unmeasured).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from plexus.errors import MeshBroken
+from plexus.log import get_logger
+
+SOURCE = Path(__file__).with_name("csrc") / "decode.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+
+class _Layer(ctypes.Structure):  # struct Layer in decode.c, field for field
+    _fields_ = [(n, ctypes.c_void_p) for n in (
+        "input_norm", "qkv_weight", "qkv_bias", "o_weight", "post_norm", "gate_up_weight", "down_weight",
+        "k_cache", "v_cache", "kv_of_q")] + [(n, ctypes.c_long) for n in (
+            "num_heads", "num_kv_heads", "head_dim", "hidden", "intermediate", "max_context", "window")] + [
+        ("eps", ctypes.c_float)]
+
+
+class _Scratch(ctypes.Structure):  # struct Scratch in decode.c
+    _fields_ = [(n, ctypes.c_void_p) for n in ("normed", "qkv", "attn", "scores", "gate_up")]
+
+
+class _Group(ctypes.Structure):  # struct Group in decode.c
+    _fields_ = [("base", ctypes.c_void_p)] + [(n, ctypes.c_long) for n in ("ranks", "rank", "n", "stride", "seq")] + [
+        ("timeout_s", ctypes.c_double), ("failed", ctypes.c_int)]
+
+
+LINE = 64  # bytes per flag in the node group's segment (one cache line)
+GROUP_TIMEOUT_S = 120.0  # a rank that waits this long for another in the fused step gives up
+
+
+_lib = None  # the loaded library; False once building or loading it failed
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PLEXUS_CACHE") or Path.home() / ".cache" / "plexus") / "kernels"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and flags (a cache shared over NFS by
+    different machines must not hand one CPU's build to another)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def build(compiler: str | None = None) -> Path:
+    """Compile decode.c for this machine (once; later calls find it in the cache). Raises
+    RuntimeError with the compiler's message when it cannot."""
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    out = cache_dir() / f"decode-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # ranks on one node may build at once
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                           timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        os.replace(tmp, out)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{cc}: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def library():
+    """The kernel library, built and loaded on first use; None where it is off or unavailable."""
+    global _lib
+    if _lib is None:
+        setting = os.environ.get("PLEXUS_KERNELS", "auto").lower()
+        if setting in ("0", "off", "false", "no") or not sys.platform.startswith("linux"):
+            _lib = False
+        elif setting == "auto" and platform.machine().lower() not in ("x86_64", "amd64"):
+            _lib = False
+        else:
+            try:
+                lib = ctypes.CDLL(str(build()))  # torch is loaded, so its OpenMP runtime is shared
+                p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+                lib.plexus_attention.argtypes = [p, p, p, p, f, p, p, i, i, p, i]
+                lib.plexus_mlp.argtypes = [p, p, p, p, i, i, p, i]
+                lib.plexus_layers.argtypes = [p, f, p, p, p, f, p, p, p, i]
+                lib.plexus_matvec.argtypes = [p, p, p, f, f, i]
+                for fn in (lib.plexus_attention, lib.plexus_mlp, lib.plexus_matvec):
+                    fn.restype = None
+                lib.plexus_layers.restype = ctypes.c_int
+                _lib = lib
+            except (RuntimeError, OSError) as e:
+                get_logger().warning("fused decode kernel unavailable (%s); decoding with torch ops", e)
+                _lib = False
+    return _lib or None
+
+
+def matvec(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+    """out = weight @ x with the kernel's streaming loop (float32, contiguous; the bench's probe)."""
+    library().plexus_matvec(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1],
+                            torch.get_num_threads())
+
+
+class FusedDecoder:
+    """Runs a CausalLM's decoder layers for one new token (batch 1) through the C kernel.
+
+    Holds raw pointers to the model's weights and KV cache, so it is made after both are in
+    place (``CausalLM.allocate_cache``) and dropped with them.
+    """
+
+    @classmethod
+    def for_model(cls, model) -> "FusedDecoder | None":
+        """A decoder for ``model``, or None where the kernel does not apply (not float32 on the
+        CPU) or is unavailable. Collective: every rank calls it (to agree on a node group)."""
+        w, comm = model.embed_tokens.weight, model.comm
+        usable = w.dtype == torch.float32 and w.device.type == "cpu" and library() is not None
+        # ranks that all decode with the kernel on one node sum through shared memory; otherwise
+        # (several nodes, or a rank without the kernel) through MPI, as the torch path does
+        if comm.size > 1 and all(comm.allgather_obj(usable)) and comm.local_size == comm.size:
+            decoder = cls(model)
+            decoder.group = _node_group(comm, model.config.hidden_size)
+            return decoder
+        return cls(model) if usable else None
+
+    def __init__(self, model):
+        cfg, self.comm, self.lib = model.config, model.comm, library()
+        self.rope = model.rope
+        keep = []  # tensors the structs point into
+        layers = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            nq, nk, d = attn.num_heads_per_rank, attn.num_kv_heads_per_rank, attn.head_dim
+            kv_of_q = (attn.kv_index if attn.kv_index is not None
+                       else torch.arange(nq) // (nq // nk)).to(torch.long).contiguous()
+            tensors = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.o_proj.weight,
+                       layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight,
+                       attn.k_cache, attn.v_cache]
+            assert all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors)
+            keep += [kv_of_q, *tensors]
+            bias = attn.qkv_proj.bias
+            layers.append(_Layer(
+                layer.input_layernorm.weight.data_ptr(), attn.qkv_proj.weight.data_ptr(),
+                bias.data_ptr() if bias is not None else None, attn.o_proj.weight.data_ptr(),
+                layer.post_attention_layernorm.weight.data_ptr(), mlp.gate_up_proj.weight.data_ptr(),
+                mlp.down_proj.weight.data_ptr(), attn.k_cache.data_ptr(), attn.v_cache.data_ptr(),
+                kv_of_q.data_ptr(), nq, nk, d, cfg.hidden_size, mlp.intermediate_per_rank, model.max_context,
+                cfg.sliding_window or 0, layer.input_layernorm.eps))
+            if layer.post_attention_layernorm.eps != layer.input_layernorm.eps:
+                raise ValueError("the two norms of a layer have different eps")
+        self.layers = (_Layer * len(layers))(*layers)
+        self._layer_ptrs = [ctypes.addressof(self.layers[i]) for i in range(len(layers))]
+        self._keep = keep
+        a = model.layers[0].self_attn
+        nq, nk, d = a.num_heads_per_rank, a.num_kv_heads_per_rank, a.head_dim
+        m = model.layers[0].mlp.intermediate_per_rank
+        self._scratch_tensors = [torch.empty(n) for n in (
+            cfg.hidden_size, (nq + 2 * nk) * d, nq * d, nq * model.max_context, 2 * m)]
+        self.scratch = _Scratch(*(t.data_ptr() for t in self._scratch_tensors))
+        self.out = torch.empty(cfg.hidden_size)
+        self.group: _NodeGroup | None = None
+
+    def __call__(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """x (1, 1, hidden) at position ``pos`` -> the hidden state after every layer (x itself,
+        updated in place)."""
+        assert x.is_contiguous() and x.numel() == self.out.numel()
+        threads = torch.get_num_threads()
+        cos, sin = self.rope.cos[pos].data_ptr(), self.rope.sin[pos].data_ptr()
+        scratch, xp, out = ctypes.byref(self.scratch), x.data_ptr(), self.out
+        if self.comm.size == 1 or self.group is not None:
+            group = None if self.group is None else self.group.ref
+            failed = self.lib.plexus_layers(self.layers, len(self._layer_ptrs), scratch, xp, out.data_ptr(), pos,
+                                            cos, sin, group, threads)
+            if failed:
+                why = ("exited" if failed == 2 else
+                       f"stopped answering for {self.group.struct.timeout_s:g} s")
+                raise MeshBroken(f"rank {self.comm.rank}: another rank on this node {why} during a decode step")
+            return x
+        # each half: this rank's partial output, summed over ranks, added to x by the next call
+        for i, layer in enumerate(self._layer_ptrs):
+            self.lib.plexus_attention(layer, scratch, xp, out.data_ptr(), pos, cos, sin, i > 0, 0, None, threads)
+            self.comm.allreduce_(out)
+            self.lib.plexus_mlp(layer, scratch, xp, out.data_ptr(), 1, 0, None, threads)
+            self.comm.allreduce_(out)
+        x.view(-1).add_(out)
+        return x
+
+
+class _NodeGroup:
+    """The shared-memory segment the ranks of one node sum their partial outputs through
+    (struct Group in decode.c): rank 0 makes a file in /dev/shm, every rank maps it, and it is
+    unlinked at once, so it vanishes with the processes."""
+
+    def __init__(self, memory: torch.Tensor, comm, n: int):
+        self.memory = memory  # keeps the mapping alive
+        stride = -(-n // 16) * 16
+        self.struct = _Group(memory.data_ptr(), comm.size, comm.rank, n, stride, 0, GROUP_TIMEOUT_S, 0)
+        self.ref = ctypes.byref(self.struct)
+
+
+def _node_group(comm, n: int) -> "_NodeGroup | None":
+    """Collective over ranks that are all on one node; None (MPI is used instead) if rank 0
+    could not make the segment."""
+    nbytes = comm.size * LINE + 2 * comm.size * (-(-n // 16) * 16) * 4
+    path, error = None, None
+    if comm.rank == 0:
+        try:
+            fd, path = tempfile.mkstemp(prefix="plexus-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+            os.ftruncate(fd, nbytes)  # zero-filled: every flag starts at 0
+            os.close(fd)
+        except OSError as e:
+            error, path = str(e), None
+    path = comm.bcast_obj(path)
+    if path is None:
+        if comm.rank == 0:
+            get_logger().warning("no shared memory for the node's ranks (%s); summing through MPI", error)
+        return None
+    try:
+        memory = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        # each rank's process id after its flag: a waiting rank can tell a dead peer from a slow one
+        memory[comm.rank * LINE + 8:comm.rank * LINE + 16].view(torch.int64)[0] = os.getpid()
+    except RuntimeError as e:
+        memory, error = None, f"rank {comm.rank}: {e}"
+    errors = [e for e in comm.allgather_obj(error) if e]
+    if comm.rank == 0:
+        os.unlink(path)
+    if errors:
+        if comm.rank == 0:
+            get_logger().warning("shared memory for the node's ranks failed (%s); summing through MPI", errors[0])
+        return None
+    return _NodeGroup(memory, comm, n)

@@ -1,0 +1,135 @@
+"""The fused float32 decode kernel (plexus/kernels.py, plexus/csrc/decode.c): it builds where
+it should, computes what the torch path computes, falls back to the torch path where it cannot
+build, and a rank waiting for a node peer that never arrives gives up with one clear error.
+
+Its agreement with transformers, step by step at world sizes 1, 2 and 4, is in
+tests/test_model_parity.py (test_every_decode_step_matches_transformers).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.helpers import plexus_cmd, run
+
+pytestmark = pytest.mark.timeout(180)
+
+ONCE = "Once upon a time"
+
+
+def _expected_here() -> bool:
+    return (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
+            and os.environ.get("PLEXUS_KERNELS", "auto") == "auto" and shutil.which("cc") is not None)
+
+
+@pytest.fixture
+def stories_engine(stories_dir):
+    from plexus.comm import Communicator
+    from plexus.engine import Engine
+
+    return Engine.load(stories_dir, Communicator.self_only(), "float32", "cpu")
+
+
+def test_kernel_builds_and_is_cached(tmp_path, monkeypatch):
+    """On Linux x86-64 with a C compiler (this machine, CI) the kernel must build; a second
+    build finds the cached library instead of compiling again."""
+    from plexus import kernels
+
+    if not _expected_here():
+        pytest.skip("the kernel is built only on Linux x86-64 with a C compiler (cc) and PLEXUS_KERNELS unset")
+    monkeypatch.setenv("PLEXUS_CACHE", str(tmp_path))
+    t0 = time.monotonic()
+    path = kernels.build()
+    assert path.parent == tmp_path / "kernels" and path.is_file()
+    mtime = path.stat().st_mtime_ns
+    assert kernels.build() == path and path.stat().st_mtime_ns == mtime
+    assert time.monotonic() - t0 < 60
+    assert kernels.library() is not None
+
+
+@torch.inference_mode()
+def test_fused_steps_equal_torch_steps(stories_engine):
+    """40 one-token steps through the kernel and through the model's torch layers, from the
+    same prompt: logits within float32 rounding, the same greedy tokens, the same KV cache."""
+    model = stories_engine.model
+    if model.fused is None:
+        assert not _expected_here(), "the fused kernel should be in use on this machine"
+        pytest.skip("no fused kernel on this machine (not Linux x86-64 with a C compiler)")
+    fused, prompt = model.fused, torch.tensor([[1, 403, 407, 261, 378]])
+    runs = {}
+    for mode in ("fused", "torch"):
+        model.fused = fused if mode == "fused" else None
+        logits = [model(prompt, 0)]
+        for pos in range(prompt.shape[1], prompt.shape[1] + 40):
+            logits.append(model(logits[-1][:, -1:].argmax(-1), pos))
+        cache = model.layers[-1].self_attn.k_cache[0, :, :prompt.shape[1] + 40].clone()
+        runs[mode] = torch.cat(logits, 1), cache
+    model.fused = fused
+    (a, ka), (b, kb) = runs["fused"], runs["torch"]
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert (a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item())
+    assert (ka - kb).abs().max().item() < 1e-4
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("peer", ["stalled", "exited"])
+def test_waiting_for_a_node_peer_gives_up(stories_engine, peer):
+    """A node group whose other rank never posts its share: the step raises one MeshBroken (the
+    server's "a rank died" path) instead of spinning forever: after the group's timeout when the
+    peer's process is alive, at once when it is gone."""
+    from plexus import kernels
+    from plexus.errors import MeshBroken
+
+    model = stories_engine.model
+    if model.fused is None:
+        pytest.skip("no fused kernel on this machine (not Linux x86-64 with a C compiler)")
+
+    class OneRankComm:  # rank 0 of a pretend 2-rank node group
+        size, rank = 2, 0
+
+    memory = torch.zeros(2 * kernels.LINE + 2 * 2 * 512 * 4, dtype=torch.uint8)
+    pid = os.getpid()  # alive
+    if peer == "exited":
+        p = subprocess.Popen(["true"])
+        p.wait()
+        pid = p.pid  # reaped: no such process
+    memory[kernels.LINE + 8:kernels.LINE + 16].view(torch.int64)[0] = pid
+    group = kernels._NodeGroup(memory, OneRankComm, model.config.hidden_size)
+    group.struct.timeout_s = 0.5 if peer == "stalled" else 60
+    model.fused.group = group
+    t0 = time.monotonic()
+    want = "stopped answering for 0.5 s" if peer == "stalled" else "another rank on this node exited"
+    with pytest.raises(MeshBroken, match=want):
+        model(torch.tensor([[1]]), 0)
+    assert time.monotonic() - t0 < 10
+
+
+def generate_tokens(model, env_extra: dict, tmp_path) -> tuple[list[int], str]:
+    env = dict(os.environ, **env_extra)
+    r = run(plexus_cmd("generate", "--model", model, "--prompt", ONCE, "--max-tokens", "40", "--json",
+                       "--dtype", "float32"), timeout=120, env=env)
+    assert r.rc == 0 and not r.timed_out, r.describe()
+    return r.json_lines()[0]["token_ids"], r.stderr
+
+
+def test_torch_path_when_off_or_unbuildable(stories_dir, tmp_path):
+    """PLEXUS_KERNELS=0, and a machine without a working compiler (CC pointing nowhere, nothing
+    cached), decode with torch: the same 40 greedy tokens as the default, and the second says
+    once why it fell back."""
+    default, _ = generate_tokens(stories_dir, {}, tmp_path)
+    off, err_off = generate_tokens(stories_dir, {"PLEXUS_KERNELS": "0"}, tmp_path)
+    missing, err_missing = generate_tokens(
+        stories_dir, {"PLEXUS_KERNELS": "1", "CC": str(tmp_path / "no-such-cc"), "PLEXUS_CACHE": str(tmp_path)},
+        tmp_path)
+    assert default == off == missing
+    assert "fused decode kernel" not in err_off
+    assert err_missing.count("fused decode kernel unavailable") == 1, err_missing
+    assert "Traceback" not in err_missing
