@@ -43,6 +43,8 @@ LOW_PRECISION = {"llama_tied_gqa@bfloat16": ("llama_tied_gqa", "bfloat16", "bflo
                  "llama_saved_in_bfloat16": ("llama_saved_in_bfloat16", None, "bfloat16")}
 BF16_CHECKPOINT = dict(kind="llama", tie_word_embeddings=True, dtype="bfloat16", seed=1)
 WORLD_SIZES = (1, 2, 4)
+# also run at world sizes 2 and 4 with the fused kernel's sums through MPI (ranks on several machines)
+MPI_SUMS = ("llama_tied_gqa", "qwen2_bias_tied")
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,9 @@ def plexus_runs(references, bf16_checkpoint, tmp_path_factory):
             tmp = tmp_path_factory.mktemp(f"parity{n}")
             jobs = [{"name": name, "dir": str(d), "prompt_ids": PROMPT, "max_new_tokens": MAX_NEW_TOKENS}
                     for name, (d, _) in references.items()]
+            if n > 1:
+                jobs += [{"name": f"{name}@mpi_sums", "dir": str(references[name][0]), "prompt_ids": PROMPT,
+                          "max_new_tokens": MAX_NEW_TOKENS, "mpi_sums": True} for name in MPI_SUMS]
             if n == 2:
                 dirs = {**{name: d for name, (d, _) in references.items()}, bf16_checkpoint.name: bf16_checkpoint}
                 jobs += [{"name": name, "dir": str(dirs[src]), "prompt_ids": PROMPT,
@@ -152,6 +157,23 @@ def test_every_decode_step_matches_transformers(plexus_runs, references, world_s
         assert all(run["fused"]), f"the fused decode kernel was not used: {run['fused']}"
         # every rank on this one machine: the per-layer sums go through shared memory, not MPI
         assert all(run["node_group"]) == (world_size > 1), run["node_group"]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world_size", [n for n in WORLD_SIZES if n > 1])
+@pytest.mark.parametrize("name", MPI_SUMS)
+def test_decode_steps_with_sums_through_mpi(plexus_runs, references, world_size, name):
+    """The fused kernel as ranks on several machines run it: each half-layer one C call, the
+    sums through MPI between them, the residual added by the next call."""
+    run = plexus_runs(world_size)[f"{name}@mpi_sums"]
+    want = references[name][1]
+    assert run["tokens"] == want["tokens"]
+    diff = (torch.tensor(run["step_logits"]) - torch.tensor(want["step_logits"][1:])).abs().max().item()
+    assert diff <= TOL, f"{name} at {world_size} ranks, sums through MPI: {diff:.3g}"
+    from plexus import kernels
+
+    if kernels.library() is not None:
+        assert all(run["fused"]) and not any(run["node_group"]), run
 
 
 @pytest.mark.timeout(600)

@@ -3,7 +3,8 @@ on rank 0, the last-position logits of a prompt and the greedy tokens that follo
 
     mpirun -n K python tests/mpi_scripts/parity.py JOBS.json OUT.json
 
-JOBS.json: [{"name", "dir", "prompt_ids", "max_new_tokens", "dtype" (optional)}, ...]. One
+JOBS.json: [{"name", "dir", "prompt_ids", "max_new_tokens", "dtype" (optional), "mpi_sums"
+(optional: sum through MPI as ranks on several machines do, not the node's shared memory)}, ...]. One
 launch handles every checkpoint, so the suite pays MPI and torch start-up once per world size.
 OUT.json (rank 0): {name: {"logits": [...], "tokens": [...], "world_size": K, "step_logits":
 [[...], ...], "fused": [bool per rank], "node_group": [bool per rank]}}: step_logits are the
@@ -28,6 +29,8 @@ def main(jobs_path: str, out_path: str) -> None:
     results = {}
     for job in json.loads(open(jobs_path).read()):
         engine = Engine.load(job["dir"], comm, dtype=job.get("dtype"))
+        if job.get("mpi_sums") and engine.model.fused is not None:
+            engine.model.fused.group = None  # the fused kernel's path for ranks on several machines
         ids = torch.tensor([job["prompt_ids"]])
         with torch.inference_mode():
             logits = engine.model(ids, 0)  # every rank takes part; rank 0 gets (1, 1, vocab)
