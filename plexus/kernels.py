@@ -175,9 +175,7 @@ class FusedDecoder:
                 layer.post_attention_layernorm.weight.data_ptr(), mlp.gate_up_proj.weight.data_ptr(),
                 mlp.down_proj.weight.data_ptr(), attn.k_cache.data_ptr(), attn.v_cache.data_ptr(),
                 kv_of_q.data_ptr(), nq, nk, d, cfg.hidden_size, mlp.intermediate_per_rank, model.max_context,
-                cfg.sliding_window or 0, layer.input_layernorm.eps))
-            if layer.post_attention_layernorm.eps != layer.input_layernorm.eps:
-                raise ValueError("the two norms of a layer have different eps")
+                cfg.sliding_window or 0, cfg.rms_norm_eps))
         self.layers = (_Layer * len(layers))(*layers)
         self._layer_ptrs = [ctypes.addressof(self.layers[i]) for i in range(len(layers))]
         self._keep = keep
@@ -223,15 +221,18 @@ class _NodeGroup:
 
     def __init__(self, memory: torch.Tensor, comm, n: int):
         self.memory = memory  # keeps the mapping alive
-        stride = -(-n // 16) * 16
-        self.struct = _Group(memory.data_ptr(), comm.size, comm.rank, n, stride, 0, GROUP_TIMEOUT_S, 0)
+        self.struct = _Group(memory.data_ptr(), comm.size, comm.rank, n, _slot_floats(n), 0, GROUP_TIMEOUT_S, 0)
         self.ref = ctypes.byref(self.struct)
+
+
+def _slot_floats(n: int) -> int:
+    return -(-n // 16) * 16  # whole cache lines per rank's slot
 
 
 def _node_group(comm, n: int) -> "_NodeGroup | None":
     """Collective over ranks that are all on one node; None (MPI is used instead) if rank 0
     could not make the segment."""
-    nbytes = comm.size * LINE + 2 * comm.size * (-(-n // 16) * 16) * 4
+    nbytes = comm.size * LINE + 2 * comm.size * _slot_floats(n) * 4
     path, error = None, None
     if comm.rank == 0:
         try:
