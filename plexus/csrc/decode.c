@@ -171,6 +171,29 @@ static void attend(const float *q, const float *K, const float *V, float *s, flo
     }
 }
 
+/* The two ends of a half-layer, called by every thread of its team (orphaned OpenMP directives).
+ * First, on one thread: x += out (the previous half's summed output) when ``before``, then the
+ * half's RMSNorm of x into S->normed; the team waits for it */
+static void start_half(const Layer *L, const float *norm, const Scratch *S, float *x, const float *out,
+                       int before) {
+#pragma omp single
+    {
+        if (before) add_into(x, out, L->hidden);
+        rms_norm(x, norm, S->normed, L->hidden, L->eps);
+    }
+}
+
+/* last: out summed over the group's ranks (if any), then x += out */
+static void finish_half(Group *g, float *x, float *out, long n) {
+#pragma omp barrier
+    if (g) {
+#pragma omp single
+        group_allreduce(g, out);
+    }
+#pragma omp for
+    for (long i = 0; i < n; i++) x[i] += out[i];
+}
+
 /* x += out first when ``before`` (the previous half's allreduced output); then
  * out = o_proj(attention(input_norm(x))), this rank's partial sum; when ``after``, out is summed
  * over the group's ranks (if there is a group) and added to x */
@@ -180,11 +203,7 @@ void plexus_attention(const Layer *L, const Scratch *S, float *x, float *out, lo
     long lo = L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0;
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp single
-        {
-            if (before) add_into(x, out, L->hidden);
-            rms_norm(x, L->input_norm, S->normed, L->hidden, L->eps);
-        }
+        start_half(L, L->input_norm, S, x, out, before);
         matvec_part(L->qkv_weight, L->qkv_bias, S->normed, S->qkv, (nq + 2 * nk) * d, L->hidden);
 #pragma omp barrier
 #pragma omp for
@@ -205,15 +224,7 @@ void plexus_attention(const Layer *L, const Scratch *S, float *x, float *out, lo
                    S->attn + h * d, lo, pos, d);
         }
         matvec_part(L->o_weight, NULL, S->attn, out, L->hidden, nq * d);
-        if (after) {
-#pragma omp barrier
-            if (g) {
-#pragma omp single
-                group_allreduce(g, out);
-            }
-#pragma omp for
-            for (long i = 0; i < L->hidden; i++) x[i] += out[i];
-        }
+        if (after) finish_half(g, x, out, L->hidden);
     }
 }
 
@@ -223,11 +234,7 @@ void plexus_mlp(const Layer *L, const Scratch *S, float *x, float *out, int befo
     long m = L->intermediate;
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp single
-        {
-            if (before) add_into(x, out, L->hidden);
-            rms_norm(x, L->post_norm, S->normed, L->hidden, L->eps);
-        }
+        start_half(L, L->post_norm, S, x, out, before);
         matvec_part(L->gate_up_weight, NULL, S->normed, S->gate_up, 2 * m, L->hidden);
 #pragma omp barrier
 #pragma omp for
@@ -236,15 +243,7 @@ void plexus_mlp(const Layer *L, const Scratch *S, float *x, float *out, int befo
             S->gate_up[i] = g / (1.0f + expf(-g)) * S->gate_up[m + i];
         }
         matvec_part(L->down_weight, NULL, S->gate_up, out, L->hidden, m);
-        if (after) {
-#pragma omp barrier
-            if (g) {
-#pragma omp single
-                group_allreduce(g, out);
-            }
-#pragma omp for
-            for (long i = 0; i < L->hidden; i++) x[i] += out[i];
-        }
+        if (after) finish_half(g, x, out, L->hidden);
     }
 }
 
