@@ -41,13 +41,18 @@ class _Layer(ctypes.Structure):  # struct Layer in decode.c, field for field
         ("eps", ctypes.c_float)]
 
 
+class _Ends(ctypes.Structure):  # struct Ends in decode.c
+    _fields_ = [(n, ctypes.c_void_p) for n in ("embed", "norm", "head")] + [
+        (n, ctypes.c_long) for n in ("first", "rows", "hidden")] + [("eps", ctypes.c_float)]
+
+
 class _Scratch(ctypes.Structure):  # struct Scratch in decode.c
     _fields_ = [(n, ctypes.c_void_p) for n in ("normed", "qkv", "attn", "scores", "gate_up")]
 
 
 class _Group(ctypes.Structure):  # struct Group in decode.c
     _fields_ = [("base", ctypes.c_void_p)] + [(n, ctypes.c_long) for n in ("ranks", "rank", "n", "stride", "seq")] + [
-        ("timeout_s", ctypes.c_double), ("failed", ctypes.c_int)]
+        ("timeout_s", ctypes.c_double), ("failed", ctypes.c_int), ("logits", ctypes.c_void_p), ("vocab", ctypes.c_long)]
 
 
 LINE = 64  # bytes per flag in the node group's segment (one cache line)
@@ -114,11 +119,12 @@ def library():
                 p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
                 lib.plexus_attention.argtypes = [p, p, p, p, f, p, p, i, i, p, i]
                 lib.plexus_mlp.argtypes = [p, p, p, p, i, i, p, i]
-                lib.plexus_layers.argtypes = [p, f, p, p, p, f, p, p, p, i]
+                lib.plexus_head.argtypes = [p, p, p, p, i]
+                lib.plexus_step.argtypes = [p, f, p, p, f, p, p, p, f, p, p, p, i]
                 lib.plexus_matvec.argtypes = [p, p, p, f, f, i]
-                for fn in (lib.plexus_attention, lib.plexus_mlp, lib.plexus_matvec):
+                for fn in (lib.plexus_attention, lib.plexus_mlp, lib.plexus_head, lib.plexus_matvec):
                     fn.restype = None
-                lib.plexus_layers.restype = ctypes.c_int
+                lib.plexus_step.restype = ctypes.c_int
                 _lib = lib
             except (RuntimeError, OSError) as e:
                 get_logger().warning("fused decode kernel unavailable (%s); decoding with torch ops", e)
@@ -133,7 +139,8 @@ def matvec(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
 
 
 class FusedDecoder:
-    """Runs a CausalLM's decoder layers for one new token (batch 1) through the C kernel.
+    """Runs a CausalLM's decode step for one new token (batch 1) through the C kernel: the
+    embedding, every decoder layer, the final norm and this rank's rows of the LM head.
 
     Holds raw pointers to the model's weights and KV cache, so it is made after both are in
     place (``CausalLM.allocate_cache``) and dropped with them.
@@ -149,7 +156,7 @@ class FusedDecoder:
         # (several nodes, or a rank without the kernel) through MPI, as the torch path does
         if comm.size > 1 and all(comm.allgather_obj(usable)) and comm.local_size == comm.size:
             decoder = cls(model)
-            decoder.group = _node_group(comm, model.config.hidden_size)
+            decoder.group = _node_group(comm, model.config.hidden_size, model.config.vocab_size)
             return decoder
         return cls(model) if usable else None
 
@@ -176,6 +183,14 @@ class FusedDecoder:
                 mlp.down_proj.weight.data_ptr(), attn.k_cache.data_ptr(), attn.v_cache.data_ptr(),
                 kv_of_q.data_ptr(), nq, nk, d, cfg.hidden_size, mlp.intermediate_per_rank, model.max_context,
                 cfg.sliding_window or 0, cfg.rms_norm_eps))
+        embed, head = model.embed_tokens, model.lm_head
+        for t in (embed.weight, model.norm.weight, head.weight):
+            assert t.is_contiguous() and t.dtype == torch.float32
+        keep += [embed.weight, model.norm.weight, head.weight]
+        self.ends = _Ends(embed.weight.data_ptr(), model.norm.weight.data_ptr(), head.weight.data_ptr(),
+                          embed.rows[0], embed.weight.shape[0], cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_tokens, self.lm_head = embed, head
+        self.vocab, self.vocab_rows = cfg.vocab_size, head.weight.shape[0]
         self.layers = (_Layer * len(layers))(*layers)
         self._layer_ptrs = [ctypes.addressof(self.layers[i]) for i in range(len(layers))]
         self._keep = keep
@@ -185,33 +200,37 @@ class FusedDecoder:
         self._scratch_tensors = [torch.empty(n) for n in (
             cfg.hidden_size, (nq + 2 * nk) * d, nq * d, nq * model.max_context, 2 * m)]
         self.scratch = _Scratch(*(t.data_ptr() for t in self._scratch_tensors))
-        self.out = torch.empty(cfg.hidden_size)
+        self.x, self.out = torch.empty(cfg.hidden_size), torch.empty(cfg.hidden_size)
         self.group: _NodeGroup | None = None
 
-    def __call__(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """x (1, 1, hidden) at position ``pos`` -> the hidden state after every layer (x itself,
-        updated in place)."""
-        assert x.is_contiguous() and x.numel() == self.out.numel()
+    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor | None:
+        """ids (1, 1) at position ``pos`` -> float32 logits (1, 1, vocab) on rank 0, None elsewhere."""
         threads = torch.get_num_threads()
         cos, sin = self.rope.cos[pos].data_ptr(), self.rope.sin[pos].data_ptr()
-        scratch, xp, out = ctypes.byref(self.scratch), x.data_ptr(), self.out
+        ends, scratch, out = ctypes.byref(self.ends), ctypes.byref(self.scratch), self.out.data_ptr()
         if self.comm.size == 1 or self.group is not None:
+            logits = torch.empty(1, 1, self.vocab) if self.comm.rank == 0 else None  # new: callers keep it
             group = None if self.group is None else self.group.ref
-            failed = self.lib.plexus_layers(self.layers, len(self._layer_ptrs), scratch, xp, out.data_ptr(), pos,
-                                            cos, sin, group, threads)
+            failed = self.lib.plexus_step(self.layers, len(self._layer_ptrs), ends, scratch, int(ids), self.x.data_ptr(),
+                                          out, None if logits is None else logits.data_ptr(), pos, cos, sin, group,
+                                          threads)
             if failed:
                 why = ("exited" if failed == 2 else
                        f"stopped answering for {self.group.struct.timeout_s:g} s")
                 raise MeshBroken(f"rank {self.comm.rank}: another rank on this node {why} during a decode step")
-            return x
-        # each half: this rank's partial output, summed over ranks, added to x by the next call
+            return logits
+        # ranks on several nodes: the embedding's sum, each half's and the logits' gather through MPI
+        x = self.embed_tokens(ids).contiguous()
+        xp = x.data_ptr()
         for i, layer in enumerate(self._layer_ptrs):
-            self.lib.plexus_attention(layer, scratch, xp, out.data_ptr(), pos, cos, sin, i > 0, 0, None, threads)
-            self.comm.allreduce_(out)
-            self.lib.plexus_mlp(layer, scratch, xp, out.data_ptr(), 1, 0, None, threads)
-            self.comm.allreduce_(out)
-        x.view(-1).add_(out)
-        return x
+            self.lib.plexus_attention(layer, scratch, xp, out, pos, cos, sin, i > 0, 0, None, threads)
+            self.comm.allreduce_(self.out)
+            self.lib.plexus_mlp(layer, scratch, xp, out, 1, 0, None, threads)
+            self.comm.allreduce_(self.out)
+        x.view(-1).add_(self.out)
+        local = torch.empty(1, 1, self.vocab_rows)
+        self.lib.plexus_head(ends, scratch, xp, local.data_ptr(), threads)
+        return self.lm_head.gather(local)
 
 
 class _NodeGroup:
@@ -219,9 +238,11 @@ class _NodeGroup:
     (struct Group in decode.c): rank 0 makes a file in /dev/shm, every rank maps it, and it is
     unlinked at once, so it vanishes with the processes."""
 
-    def __init__(self, memory: torch.Tensor, comm, n: int):
+    def __init__(self, memory: torch.Tensor, comm, n: int, vocab: int):
         self.memory = memory  # keeps the mapping alive
-        self.struct = _Group(memory.data_ptr(), comm.size, comm.rank, n, _slot_floats(n), 0, GROUP_TIMEOUT_S, 0)
+        logits = memory.data_ptr() + _logits_offset(comm.size, n)
+        self.struct = _Group(memory.data_ptr(), comm.size, comm.rank, n, _slot_floats(n), 0, GROUP_TIMEOUT_S, 0,
+                             logits, vocab)
         self.ref = ctypes.byref(self.struct)
 
 
@@ -229,10 +250,14 @@ def _slot_floats(n: int) -> int:
     return -(-n // 16) * 16  # whole cache lines per rank's slot
 
 
-def _node_group(comm, n: int) -> "_NodeGroup | None":
+def _logits_offset(ranks: int, n: int) -> int:
+    return ranks * LINE + 2 * ranks * _slot_floats(n) * 4  # after the flags and the two sets of slots
+
+
+def _node_group(comm, n: int, vocab: int) -> "_NodeGroup | None":
     """Collective over ranks that are all on one node; None (MPI is used instead) if rank 0
     could not make the segment."""
-    nbytes = comm.size * LINE + 2 * comm.size * _slot_floats(n) * 4
+    nbytes = _logits_offset(comm.size, n) + vocab * 4
     path, error = None, None
     if comm.rank == 0:
         try:
@@ -259,4 +284,4 @@ def _node_group(comm, n: int) -> "_NodeGroup | None":
         if comm.rank == 0:
             get_logger().warning("shared memory for the node's ranks failed (%s); summing through MPI", errors[0])
         return None
-    return _NodeGroup(memory, comm, n)
+    return _NodeGroup(memory, comm, n, vocab)

@@ -182,7 +182,10 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor | None:
         """(..., hidden) -> (..., vocab) float32 logits on rank 0; None on other ranks."""
-        local = linear(h, self.weight).float()
+        return self.gather(linear(h, self.weight).float())
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor | None:
+        """This rank's slice of the logits -> all of them on rank 0 (None on other ranks)."""
         return self.comm.gather(local, dim=-1, sizes=self.vocab_sizes, root=0)
 
 

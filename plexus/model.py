@@ -202,13 +202,14 @@ class CausalLM(nn.Module):
 
     def forward(self, ids: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor | None:
         """ids (B, T) at positions start.. -> float32 logits (B, T or 1, vocab) on rank 0, None elsewhere."""
-        x = self.embed_tokens(ids)  # (B, T, hidden)
         if self.fused is not None and ids.shape == (1, 1):
-            x = self.fused(x, start)  # one new token: the same layers, each half one fused C call
-        else:
-            cos, sin = self.rope.tables(start, ids.shape[1], x.dtype)
-            for layer in self.layers:
-                x = layer(x, start, cos, sin)
+            # one new token (a decode step): all of the below, collectives included, in the fused
+            # C kernel (plexus/kernels.py)
+            return self.fused(ids, start)
+        x = self.embed_tokens(ids)  # (B, T, hidden)
+        cos, sin = self.rope.tables(start, ids.shape[1], x.dtype)
+        for layer in self.layers:
+            x = layer(x, start, cos, sin)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

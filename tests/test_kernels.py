@@ -95,14 +95,15 @@ def test_waiting_for_a_node_peer_gives_up(stories_engine, peer):
     class OneRankComm:  # rank 0 of a pretend 2-rank node group
         size, rank = 2, 0
 
-    memory = torch.zeros(2 * kernels.LINE + 2 * 2 * 512 * 4, dtype=torch.uint8)
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    memory = torch.zeros(kernels._logits_offset(2, hidden) + vocab * 4, dtype=torch.uint8)
     pid = os.getpid()  # alive
     if peer == "exited":
         p = subprocess.Popen(["true"])
         p.wait()
         pid = p.pid  # reaped: no such process
     memory[kernels.LINE + 8:kernels.LINE + 16].view(torch.int64)[0] = pid
-    group = kernels._NodeGroup(memory, OneRankComm, model.config.hidden_size)
+    group = kernels._NodeGroup(memory, OneRankComm, hidden, vocab)
     group.struct.timeout_s = 0.5 if peer == "stalled" else 60
     model.fused.group = group
     t0 = time.monotonic()

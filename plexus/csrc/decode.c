@@ -32,6 +32,14 @@ typedef struct {
     float eps;
 } Layer;
 
+/* The model's two ends, this rank's share: its vocabulary rows [first, first + rows) of the
+ * embedding and of the LM head (the same memory when they are tied), and the final norm */
+typedef struct {
+    const float *embed, *norm, *head;
+    long first, rows, hidden;
+    float eps;
+} Ends;
+
 typedef struct {
     float *normed;   /* hidden */
     float *qkv;      /* (num_heads + 2 num_kv_heads) head_dim */
@@ -44,16 +52,24 @@ typedef struct {
  * plexus/kernels.py): the allreduce after each half-layer without leaving the C call. The
  * segment holds one cache line per rank (its count of reductions posted, then its process id),
  * then two alternating sets of slots of n floats per rank: a rank can be at most one
- * reduction ahead of any other, so the set it writes was read by every rank before. */
+ * reduction ahead of any other, so the set it writes was read by every rank before. Last, the
+ * logits of the whole vocabulary, where each rank writes its rows for rank 0 to take. */
 typedef struct {
     char *base;
     long ranks, rank, n, stride; /* stride: floats per slot, a multiple of 16 */
-    long seq;                    /* reductions done by this rank */
+    long seq;                    /* meetings (sums, gathers) this rank has reached */
     double timeout_s;            /* give up waiting for another rank after this long */
     int failed;                  /* 1: a rank stopped answering for timeout_s; 2: a rank's process is gone */
+    float *logits;               /* in the segment: vocab floats */
+    long vocab;
 } Group;
 
 #define LINE 64
+#if defined(__x86_64__) || defined(__i386__)
+#define PAUSE() __builtin_ia32_pause() /* a spinning core leaves its resources to others */
+#else
+#define PAUSE() ((void)0)
+#endif
 
 static double now_s(void) {
     struct timespec ts;
@@ -61,17 +77,19 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* out = the sum of every rank's out, in rank order (so every rank gets the same bits) */
-static int group_allreduce(Group *g, float *out) {
+/* Say this rank has reached reduction number ++seq (what it wrote before is then visible to the
+ * others), and wait until every rank has. Non-zero: a rank failed (Group.failed). */
+static int meet(Group *g) {
     long seq = ++g->seq;
-    float *slots = (float *)(g->base + g->ranks * LINE) + (seq & 1) * g->ranks * g->stride;
-    memcpy(slots + g->rank * g->stride, out, g->n * sizeof(float));
     atomic_store_explicit((_Atomic long *)(g->base + g->rank * LINE), seq, memory_order_release);
     for (long r = 0; r < g->ranks; r++) {
         _Atomic long *flag = (_Atomic long *)(g->base + r * LINE);
         double deadline = 0.0;
         for (long spins = 0; atomic_load_explicit(flag, memory_order_acquire) < seq; spins++) {
-            if (spins < 4096) continue;
+            if (spins < 4096) {
+                PAUSE();
+                continue;
+            }
             sched_yield(); /* ranks sharing cores (oversubscribed) let the others run */
             if ((spins & 1023) == 0) {
                 double t = now_s();
@@ -82,6 +100,14 @@ static int group_allreduce(Group *g, float *out) {
             }
         }
     }
+    return 0;
+}
+
+/* out = the sum of every rank's out, in rank order (so every rank gets the same bits) */
+static int group_allreduce(Group *g, float *out) {
+    float *slots = (float *)(g->base + g->ranks * LINE) + ((g->seq + 1) & 1) * g->ranks * g->stride;
+    memcpy(slots + g->rank * g->stride, out, g->n * sizeof(float));
+    if (meet(g)) return g->failed;
     for (long i = 0; i < g->n; i++) {
         float acc = slots[i];
         for (long r = 1; r < g->ranks; r++) acc += slots[r * g->stride + i];
@@ -249,14 +275,48 @@ void plexus_mlp(const Layer *L, const Scratch *S, float *x, float *out, int befo
 
 /* Every layer, both halves, residuals added, x updated in place: a world of one rank (g NULL)
  * or the ranks of one node (g their group). Non-zero: the group failed (Group.failed). */
-int plexus_layers(const Layer *layers, long n, const Scratch *S, float *x, float *out, long pos,
-                  const float *cos, const float *sin, Group *g, int threads) {
+static int layers_step(const Layer *layers, long n, const Scratch *S, float *x, float *out, long pos,
+                       const float *cos, const float *sin, Group *g, int threads) {
     for (long i = 0; i < n; i++) {
         plexus_attention(layers + i, S, x, out, pos, cos, sin, 0, 1, g, threads);
         if (g && g->failed) return g->failed;
         plexus_mlp(layers + i, S, x, out, 0, 1, g, threads);
         if (g && g->failed) return g->failed;
     }
+    return 0;
+}
+
+/* logits = this rank's rows of the LM head times the final norm of x */
+void plexus_head(const Ends *E, const Scratch *S, const float *x, float *logits, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+        rms_norm(x, E->norm, S->normed, E->hidden, E->eps);
+        matvec_part(E->head, NULL, S->normed, logits, E->rows, E->hidden);
+    }
+}
+
+/* A whole decode step for one token, for a world of one rank (g NULL) or the ranks of one node:
+ * its embedding (this rank's row of it or zeros, summed over the group), every layer, then the
+ * logits, which every rank of a group writes into the segment for rank 0 to copy into
+ * ``logits`` (NULL on the other ranks). x: the hidden state (scratch). Non-zero: the group
+ * failed (Group.failed). */
+int plexus_step(const Layer *layers, long n, const Ends *E, const Scratch *S, long token, float *x, float *out,
+                float *logits, long pos, const float *cos, const float *sin, Group *g, int threads) {
+    long row = token - E->first;
+    if (row >= 0 && row < E->rows) memcpy(x, E->embed + row * E->hidden, E->hidden * sizeof(float));
+    else memset(x, 0, E->hidden * sizeof(float));
+    if (g && group_allreduce(g, x)) return g->failed;
+    int failed = layers_step(layers, n, S, x, out, pos, cos, sin, g, threads);
+    if (failed) return failed;
+    if (!g) {
+        plexus_head(E, S, x, logits, threads);
+        return 0;
+    }
+    plexus_head(E, S, x, g->logits + E->first, threads);
+    if (meet(g)) return g->failed; /* every rank's rows are in; a rank writes the next step's only
+                                      after rank 0 has met it at that step's embedding sum */
+    if (logits) memcpy(logits, g->logits, g->vocab * sizeof(float));
     return 0;
 }
 
