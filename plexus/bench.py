@@ -5,14 +5,17 @@ Decoding one token streams every weight a rank holds once (the embedding table a
 reads one row of it), so a step can take no less than (rank weight bytes) / (rank memory
 bandwidth). The bench measures that bandwidth in the same run, on every rank at once (ranks on
 one node share the memory bus), with a large matrix-vector product of the model's dtype, and
-reports decode speed as a fraction of the floor. ``--baseline transformers`` runs the same
-checkpoint, prompt and greedy length through ``transformers`` in the same run, on rank 0 with
-every core of its node, for a ratio that does not depend on the machine.
+reports decode speed as a fraction of the floor. Two baselines give ratios that do not depend on
+the machine, each in the same run, in a fresh process of its own on rank 0's node with every
+core of it (``SoloProcess``) while the ranks sleep: ``--baseline transformers`` runs the same
+checkpoint, prompt and greedy length through ``transformers``; ``--vs-one-rank`` (under
+mpirun) runs the whole model through Plexus as a world of one rank, in blocks alternating with
+the pooled engine's, for what pooling costs or gains on that node.
 
 Phases, every rank in step: load; warm-up generation; bandwidth probe; timed generation (the
 engine's own ``generate``, with EOS ignored so it makes exactly ``--new-tokens`` tokens);
 bandwidth probe again (the limit is the better of the two: a shared machine's bandwidth
-drifts); baseline (rank 0 alone while the others sleep). Between phases rank 0 releases the
+drifts); the one-rank pairs; the transformers baseline. Between phases rank 0 releases the
 workers from ``worker_loop`` with ``shutdown`` so that every rank can join the bench's own
 collectives. Besides the speeds, each rank reports its peak and its change of resident memory
 over the timed run, and each node how busy other programs kept it meanwhile
@@ -26,6 +29,7 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -202,7 +206,7 @@ def measure_bandwidth(dtype: torch.dtype, device: torch.device, nbytes: int, wid
     return result
 
 
-# ---- transformers baseline (rank 0) -----------------------------------------------------------
+# ---- baselines on rank 0 alone ----------------------------------------------------------------
 
 def check_baseline(baseline: str | None) -> None:
     if baseline == "transformers":
@@ -235,45 +239,183 @@ def run_transformers_baseline(model_dir: str, dtype: torch.dtype, device: str, p
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    before = torch.get_num_threads()
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    if affinity is not None:  # mpirun binds rank 0 to its cores; the baseline gets the whole node
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except TypeError:  # transformers < 4.56 spells it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype)
+    model = model.to(device).eval()
+    load_s = time.perf_counter() - t0
+    ids = torch.tensor([prompt_ids], device=device)
+    eos = model.generation_config.eos_token_id
+    pad = eos[0] if isinstance(eos, list) and eos else eos
+    common = dict(do_sample=False, pad_token_id=pad, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **common)  # warm-up
+        clock = Clock()
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock,
+                             **common)
+        synchronize(torch.device(device))
+    generated = out.shape[1] - len(prompt_ids)
+    first, last = clock.times[1], clock.times[-1]
+    ttft = first - t0
+    return {"load_s": load_s, "ttft_s": ttft, "prefill_tok_s": len(prompt_ids) / ttft,
+            "decode_tok_s": (generated - 1) / (last - first) if generated > 1 else None,
+            "new_tokens": int(generated), "threads": threads,
+            "transformers_version": transformers.__version__}
+
+
+ONE_RANK_PAIRS = 8  # blocks of each kind in --vs-one-rank
+ONE_RANK_BLOCK_TOKENS = 32
+_LAUNCHER_ENV = ("OMPI_", "PMIX_", "PRTE_", "OPAL_", "PMI_", "SLURM_", "HYDRA_", "I_MPI_", "MPI_LOCAL")
+
+
+class SoloProcess:
+    """A fresh Python process on rank 0's node, with every core of it, for the baselines: the
+    whole model through Plexus as a world of one rank, or through transformers. Fresh, because
+    a launcher binds each rank to its own cores and OpenMP sizes its thread pool and its spin
+    waits from that at start-up: in the rank's own process a whole-node baseline runs slower
+    than it would alone. The launcher's environment is left out, so the process is a world of
+    its own (and OMP_NUM_THREADS, so it takes every core). Commands and replies are one JSON
+    line each, over its stdin and stdout; its log goes to a file, quoted if it fails."""
+
+    def __init__(self):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(_LAUNCHER_ENV) or k.startswith("OMPI_ALLOW_RUN_AS_ROOT")}
+        env.pop("OMP_NUM_THREADS", None)
+        self.log = tempfile.TemporaryFile(mode="w+")
+        code = ("import os\ntry:\n    os.sched_setaffinity(0, range(os.cpu_count()))\n"
+                "except (AttributeError, OSError):\n    pass\nfrom plexus.bench import solo_main\nsolo_main()")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, env=env, text=True)
+
+    def ask(self, **command) -> dict:
+        """Send one command, return its reply; PlexusError if the process failed."""
         try:
-            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+            self.proc.stdin.write(json.dumps(command) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except OSError:
+            line = ""
+        reply = json.loads(line) if line.strip() else {"error": self._failure()}
+        if "error" in reply:
+            raise PlexusError(reply["error"])
+        return reply
+
+    def _failure(self) -> str:
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # it closed its output but did not exit
+            self.proc.kill()
+            self.proc.wait()
+        self.log.seek(0)
+        tail = [ln for ln in self.log.read().splitlines() if ln.strip()][-1:]
+        return f"the baseline process exited with code {self.proc.returncode}" + (f": {tail[0]}" if tail else "")
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
         except OSError:
             pass
-        threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    try:
-        t0 = time.perf_counter()
         try:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        except TypeError:  # transformers < 4.56 spells it torch_dtype
-            model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype)
-        model = model.to(device).eval()
-        load_s = time.perf_counter() - t0
-        ids = torch.tensor([prompt_ids], device=device)
-        eos = model.generation_config.eos_token_id
-        pad = eos[0] if isinstance(eos, list) and eos else eos
-        common = dict(do_sample=False, pad_token_id=pad, attention_mask=torch.ones_like(ids))
-        with torch.inference_mode():
-            model.generate(ids, max_new_tokens=2, min_new_tokens=2, **common)  # warm-up
-            clock = Clock()
-            t0 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock,
-                                 **common)
-            synchronize(torch.device(device))
-        generated = out.shape[1] - len(prompt_ids)
-        first, last = clock.times[1], clock.times[-1]
-        ttft = first - t0
-        return {"load_s": load_s, "ttft_s": ttft, "prefill_tok_s": len(prompt_ids) / ttft,
-                "decode_tok_s": (generated - 1) / (last - first) if generated > 1 else None,
-                "new_tokens": int(generated), "threads": threads,
-                "transformers_version": transformers.__version__}
-    finally:
-        torch.set_num_threads(before)
-        if affinity is not None:
-            os.sched_setaffinity(0, affinity)
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def solo_main() -> None:
+    """The SoloProcess side: answer commands until stdin closes."""
+    from plexus.comm import Communicator
+    from plexus.devices import cpu_threads
+    from plexus.engine import Engine
+    from plexus.sampling import SamplingParams
+
+    threads, engine = cpu_threads(1), None
+    torch.set_num_threads(threads)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        try:
+            if cmd["op"] == "load":  # the whole model as a world of one rank
+                t0 = time.perf_counter()
+                engine = Engine.load(cmd["model_dir"], Communicator.self_only(), cmd["dtype"], cmd["device"],
+                                     cmd["max_context"])
+                engine.eos_token_ids = frozenset()
+                for _ in engine.generate(cmd["prompt_ids"], SamplingParams(max_tokens=2)):  # warm-up
+                    pass
+                reply = {"threads": threads, "load_s": time.perf_counter() - t0}
+            elif cmd["op"] == "block":
+                reply = {"decode_tok_s": decode_block(engine, cmd["prompt_ids"], cmd["block_tokens"])}
+            elif cmd["op"] == "transformers":
+                reply = run_transformers_baseline(cmd["model_dir"], getattr(torch, cmd["dtype"]), cmd["device"],
+                                                  cmd["prompt_ids"], cmd["new_tokens"], threads)
+            else:
+                reply = {"error": f"unknown command {cmd['op']!r}"}
+        except PlexusError as e:
+            reply = {"error": str(e)}
+        print(json.dumps(reply), flush=True)
+
+
+def decode_block(engine, prompt_ids: list[int], block_tokens: int) -> float:
+    """Rank 0: decode tok/s of one generation of ``block_tokens`` + 1 tokens, after its prefill."""
+    from plexus.sampling import SamplingParams
+
+    times = []
+    for _ in engine.generate(prompt_ids, SamplingParams(max_tokens=block_tokens + 1)):
+        times.append(time.perf_counter())
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def on_rank_zero_alone(comm, work):
+    """Collective: rank 0 runs ``work`` (with a SoloProcess) while the other ranks sleep; a
+    PlexusError there is raised on every rank. Rank 0 returns the result, the others None."""
+    result, error = None, None
+    if comm.rank == 0:
+        try:
+            result = work()
+        except PlexusError as e:
+            error = str(e)
+        comm.bcast_obj(error)
+    else:
+        error = comm.bcast_obj(poll_s=0.01)  # sleep, not spin
+    if error is not None:
+        raise PlexusError(error)
+    return result
+
+
+def pair_with_one_rank(comm, engine, phase, solo: SoloProcess | None, model_dir: str, dtype: torch.dtype,
+                       device: str, max_context, prompt_ids: list[int], block_tokens: int, pairs: int,
+                       log) -> dict | None:
+    """Collective. Decode speed of the pooled engine against the whole model as a world of one
+    rank on rank 0's node (``solo``, every core of the node, the other ranks asleep), in
+    alternating blocks of ``block_tokens`` tokens ordered ABBA, so that a shared machine's
+    drift falls on both alike: the same-run ratio of what pooling costs or gains over one rank.
+    Rank 0 returns the figures, the others None."""
+    def load():
+        log.info("--vs-one-rank: loading the whole model as one rank in a process of its own")
+        return solo.ask(op="load", model_dir=model_dir, dtype=str(dtype).removeprefix("torch."), device=device,
+                        max_context=max_context, prompt_ids=prompt_ids)
+
+    loaded = on_rank_zero_alone(comm, load)
+    pooled, single = [], []
+    for i in range(pairs):
+        for kind in ("one", "pooled") if i % 2 == 0 else ("pooled", "one"):
+            if kind == "one":
+                reply = on_rank_zero_alone(comm, lambda: solo.ask(op="block", prompt_ids=prompt_ids,
+                                                                  block_tokens=block_tokens))
+                single.append(reply and reply["decode_tok_s"])
+            else:
+                pooled.append(phase(lambda: decode_block(engine, prompt_ids, block_tokens)))
+    if comm.rank != 0:
+        return None
+    ratios = sorted(p / s for p, s in zip(pooled, single))
+    return {"one_rank": {"decode_tok_s": statistics.median(single), "threads": loaded["threads"], "pairs": pairs,
+                         "block_tokens": block_tokens},
+            "paired_decode_tok_s": statistics.median(pooled),
+            "decode_vs_one_rank": statistics.median(ratios), "decode_vs_one_rank_range": [ratios[0], ratios[-1]]}
 
 
 # ---- the model to bench -------------------------------------------------------------------------
@@ -334,7 +476,7 @@ def prompt_token_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
 # ---- the phases -------------------------------------------------------------------------------
 
 def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, baseline, probe_mib,
-              split="memory", max_memory=None) -> dict | None:
+              split="memory", max_memory=None, vs_one_rank=False) -> dict | None:
     """Every rank: run the phases; rank 0 returns the report, the others None."""
     from plexus.engine import Engine
     from plexus.runtime import load_progress
@@ -344,6 +486,9 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
     error = None
     try:
         check_baseline(baseline if comm.rank == 0 else None)
+        if vs_one_rank and comm.size == 1:
+            raise PlexusError("--vs-one-rank compares a pooled run with one rank: run it under mpirun with 2 or "
+                              "more ranks")
     except PlexusError as e:
         error = str(e)
     comm.agree(error)
@@ -426,18 +571,25 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
         "own_cpu_s": cpu_after[1] - cpu_before[1], "bandwidth_gbps": best["gbps"], "probe": best}
     ranks = comm.allgather_obj(per_rank)
 
-    base = None
-    if comm.rank == 0:
+    paired = base = None
+    if vs_one_rank:
+        solo = SoloProcess() if comm.rank == 0 else None
         try:
-            if baseline == "transformers":
-                from plexus.devices import cpu_threads
-
-                log.info("running the transformers baseline on rank 0")
-                base = run_transformers_baseline(model_dir, dt, rt.device, ids, new_tokens, cpu_threads(1))
+            paired = pair_with_one_rank(comm, engine, phase, solo, model_dir, dt, rt.device, max_context, ids,
+                                        min(new_tokens, ONE_RANK_BLOCK_TOKENS), ONE_RANK_PAIRS, log)
         finally:
-            comm.bcast_obj("baseline done")
-    else:
-        comm.bcast_obj(poll_s=0.01)  # sleep, not spin, while rank 0 runs the baseline
+            if solo is not None:
+                solo.close()
+    if baseline == "transformers":
+        def transformers_baseline():
+            log.info("running the transformers baseline in a process of its own on rank 0's node")
+            solo = SoloProcess()
+            try:
+                return solo.ask(op="transformers", model_dir=model_dir, dtype=str(dt).removeprefix("torch."),
+                                device=rt.device, prompt_ids=ids, new_tokens=new_tokens)
+            finally:
+                solo.close()
+        base = on_rank_zero_alone(comm, transformers_baseline)
     if comm.rank != 0:
         return None
 
@@ -472,6 +624,8 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
         "probe": {"matrix_bytes": ranks[0]["probe"]["matrix_bytes"], "shape": ranks[0]["probe"]["shape"],
                   "kernels_gbps_per_rank": [r["probe"]["kernels"] for r in ranks]},
     }
+    if paired is not None:
+        report.update(paired)
     if base is not None:
         report["baseline"] = {"name": "transformers", **base}
         report["decode_vs_baseline"] = decode_tok_s / base["decode_tok_s"] if base["decode_tok_s"] else None
@@ -509,6 +663,12 @@ def format_report(r: dict) -> str:
     for host, cores in r["other_load_cores"].items():
         lines.append(f"other load       {cores:.2f} cores busy with other programs on {host} during the timed run"
                      + ("  (figures disturbed)" if cores > 0.1 else ""))
+    if "one_rank" in r:
+        o, lo, hi = r["one_rank"], *r["decode_vs_one_rank_range"]
+        lines.append(f"one rank         decode {o['decode_tok_s']:.2f} tok/s ({o['threads']} threads) vs pooled "
+                     f"{r['paired_decode_tok_s']:.2f} tok/s, in {o['pairs']} alternating pairs of {o['block_tokens']}-token "
+                     f"blocks")
+        lines.append(f"pooled / one     decode {r['decode_vs_one_rank']:.3f}x (median of the pairs; {lo:.3f} to {hi:.3f})")
     if "baseline" in r:
         b = r["baseline"]
         lines.append(f"transformers     prefill {b['prefill_tok_s']:.1f} tok/s, decode {b['decode_tok_s']:.2f} tok/s "
@@ -526,11 +686,15 @@ def format_report(r: dict) -> str:
 @click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--baseline", type=click.Choice(["transformers"]), default=None,
               help="Also run the same generation through this library on rank 0, for a ratio.")
+@click.option("--vs-one-rank", is_flag=True,
+              help="Under mpirun: also decode with the whole model on rank 0 alone (every core of its node), in "
+                   "blocks alternating with the pooled engine's, for a same-run ratio. Rank 0 must have room for "
+                   "the whole model as well as its shard.")
 @click.option("--probe-mib", type=click.IntRange(min=1), default=PROBE_MIB, show_default=True,
               help="Size of each rank's bandwidth-probe matrix.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(model, dtype, device, threads, max_context, split, max_memory, verbose, preset, prompt_tokens,
-          new_tokens, baseline, probe_mib, as_json):
+          new_tokens, baseline, vs_one_rank, probe_mib, as_json):
     """Measure load time, time to first token, prefill and decode speed, memory, and decode's
     fraction of the memory-bandwidth floor (run under mpirun for several ranks). Without --model
     or --preset it benches the 'bench' demo model. See docs/benchmarks.md."""
@@ -541,7 +705,7 @@ def bench(model, dtype, device, threads, max_context, split, max_memory, verbose
     def body():
         rt = state["rt"] = start(device, threads, verbose)
         report = run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, baseline, probe_mib,
-                           split, max_memory)
+                           split, max_memory, vs_one_rank)
         if report is not None:
             click.echo(json.dumps(report) if as_json else format_report(report))
         return 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from plexus.comm import Communicator
@@ -44,7 +45,7 @@ class Engine:
         self.max_context = model.max_context
         self.eos_token_ids = eos_token_ids
         self.device = model.embed_tokens.weight.device
-        self._ctrl = torch.zeros(2, dtype=torch.int64)  # (token id, 1 = go on / 0 = stop)
+        self._ctrl = np.zeros(2, dtype=np.int64)  # (token id, 1 = go on / 0 = stop)
         model.allocate_cache(max_batch=1)
 
     @classmethod

@@ -162,7 +162,10 @@ class FusedDecoder:
 
     def __init__(self, model):
         cfg, self.comm, self.lib = model.config, model.comm, library()
-        self.rope = model.rope
+        rope = model.rope
+        assert rope.cos.is_contiguous() and rope.sin.is_contiguous() and rope.cos.dtype == torch.float32
+        self._rope = rope  # the tables: float32 (max_context, head_dim)
+        self._cos, self._sin, self._rope_row = rope.cos.data_ptr(), rope.sin.data_ptr(), rope.cos.stride(0) * 4
         keep = []  # tensors the structs point into
         layers = []
         for layer in model.layers:
@@ -206,7 +209,7 @@ class FusedDecoder:
     def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor | None:
         """ids (1, 1) at position ``pos`` -> float32 logits (1, 1, vocab) on rank 0, None elsewhere."""
         threads = torch.get_num_threads()
-        cos, sin = self.rope.cos[pos].data_ptr(), self.rope.sin[pos].data_ptr()
+        cos, sin = self._cos + pos * self._rope_row, self._sin + pos * self._rope_row  # no tensor ops: cold
         ends, scratch, out = ctypes.byref(self.ends), ctypes.byref(self.scratch), self.out.data_ptr()
         if self.comm.size == 1 or self.group is not None:
             logits = torch.empty(1, 1, self.vocab) if self.comm.rank == 0 else None  # new: callers keep it

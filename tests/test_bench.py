@@ -9,6 +9,7 @@ Plexus's loader).
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -84,19 +85,62 @@ def check_report(r: dict, world_size: int, model_dir: Path, baseline: bool) -> N
         assert b["decode_tok_s"] > 0 and b["prefill_tok_s"] > 0 and b["ttft_s"] > 0
         assert r["decode_vs_baseline"] == pytest.approx(r["decode_tok_s"] / b["decode_tok_s"])
         assert r["prefill_vs_baseline"] == pytest.approx(r["prefill_tok_s"] / b["prefill_tok_s"])
+        # it runs in a process of its own with every core of the node, not on rank 0's one core
+        assert b["threads"] == len(os.sched_getaffinity(0))
     else:
         assert "baseline" not in r and "decode_vs_baseline" not in r
+
+
+def check_one_rank(r: dict) -> None:
+    """--vs-one-rank: the pooled engine and the whole model as one rank (a process of its own,
+    every core), in alternating blocks; the ratio is the median of the pairs' ratios."""
+    o = r["one_rank"]
+    assert o["pairs"] == 8 and o["block_tokens"] == NEW_TOKENS  # blocks of min(--new-tokens, 32)
+    assert o["threads"] == len(os.sched_getaffinity(0))
+    assert o["decode_tok_s"] > 0 and r["paired_decode_tok_s"] > 0
+    lo, hi = r["decode_vs_one_rank_range"]
+    assert 0 < lo <= r["decode_vs_one_rank"] <= hi
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_bench_json_under_mpirun(demo_tiny, world_size):
+    extra = ["--vs-one-rank"] if world_size > 1 else []
     result = run_mpi(world_size, plexus_cmd("bench", "--model", demo_tiny, *FAST, "--baseline", "transformers",
-                                            "--json"), timeout=200)
+                                            *extra, "--json"), timeout=200)
     r = bench_report(result)
     check_report(r, world_size, demo_tiny, baseline=True)
+    if extra:
+        check_one_rank(r)
+    else:
+        assert "one_rank" not in r and "decode_vs_one_rank" not in r
     print(f"ws{world_size}: {result.elapsed:.1f}s, decode {r['decode_tok_s']:.0f} tok/s, "
           f"{r['decode_vs_baseline']:.2f}x transformers")
+
+
+@pytest.mark.timeout(120)
+def test_bench_vs_one_rank_needs_several_ranks(demo_tiny):
+    result = run(plexus_cmd("bench", "--model", demo_tiny, *FAST, "--vs-one-rank"), timeout=90)
+    assert_clean_error(result, "--vs-one-rank compares a pooled run with one rank", "mpirun")
+
+
+@pytest.mark.timeout(120)
+def test_solo_process_failures_are_clear_errors(tmp_path):
+    """The baselines' own process: a model it cannot load, and the process dying, each come
+    back as one PlexusError naming the cause, not a hang or a traceback."""
+    from plexus.bench import SoloProcess
+    from plexus.errors import PlexusError
+
+    solo = SoloProcess()
+    try:
+        with pytest.raises(PlexusError, match="config.json"):
+            solo.ask(op="load", model_dir=str(tmp_path / "nothing"), dtype="float32", device="cpu",
+                     max_context=None, prompt_ids=[1, 2])
+        solo.proc.kill()
+        with pytest.raises(PlexusError, match="the baseline process exited with code -9"):
+            solo.ask(op="block", prompt_ids=[1, 2], block_tokens=4)
+    finally:
+        solo.close()
 
 
 @pytest.mark.timeout(180)

@@ -13,6 +13,7 @@ thread-method timeout (it kills the process, and mpirun then ends the job).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,6 +175,14 @@ def test_bcast_tensor(comm, dtype, root_of):
     t = values.to(dtype).clone() if comm.rank == root else torch.full((4,), 7, dtype=dtype)
     out = comm.bcast_(t, root=root)
     assert out is t and torch.equal(t, values.to(dtype))
+
+
+def test_bcast_numpy_array(comm):
+    """The engine's per-token control message is a numpy array, sent as it is."""
+    root = comm.size - 1
+    a = np.array([2 ** 50 + 7, 1], dtype=np.int64) if comm.rank == root else np.zeros(2, dtype=np.int64)
+    assert comm.bcast_(a, root=root) is a
+    assert a.tolist() == [2 ** 50 + 7, 1]
 
 
 def test_bcast_into_non_contiguous_view(comm):
