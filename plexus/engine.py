@@ -110,7 +110,7 @@ class Engine:
                 if last:
                     break
                 self._broadcast_ctrl(token, 1)
-                logits = self.model(torch.tensor([[token]], device=self.device), pos)
+                logits = self.model.step(token, pos)
                 pos += 1
             self._broadcast_ctrl(0, 0)
             stopped = True
@@ -198,5 +198,5 @@ class Engine:
             self.comm.bcast_(self._ctrl)
             if int(self._ctrl[1]) == 0:
                 return
-            self.model(torch.tensor([[int(self._ctrl[0])]], device=self.device), pos)
+            self.model.step(int(self._ctrl[0]), pos)
             pos += 1

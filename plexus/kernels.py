@@ -204,26 +204,29 @@ class FusedDecoder:
             cfg.hidden_size, (nq + 2 * nk) * d, nq * d, nq * model.max_context, 2 * m)]
         self.scratch = _Scratch(*(t.data_ptr() for t in self._scratch_tensors))
         self.x, self.out = torch.empty(cfg.hidden_size), torch.empty(cfg.hidden_size)
+        self._logits = torch.empty(1, 1, self.vocab) if self.comm.rank == 0 else None
         self.group: _NodeGroup | None = None
 
-    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor | None:
-        """ids (1, 1) at position ``pos`` -> float32 logits (1, 1, vocab) on rank 0, None elsewhere."""
+    def __call__(self, token: int, pos: int, reuse: bool = False) -> torch.Tensor | None:
+        """``token`` at position ``pos`` -> float32 logits (1, 1, vocab) on rank 0, None elsewhere:
+        a new tensor, or with ``reuse`` one buffer that the next such call overwrites."""
         threads = torch.get_num_threads()
         cos, sin = self._cos + pos * self._rope_row, self._sin + pos * self._rope_row  # no tensor ops: cold
         ends, scratch, out = ctypes.byref(self.ends), ctypes.byref(self.scratch), self.out.data_ptr()
         if self.comm.size == 1 or self.group is not None:
-            logits = torch.empty(1, 1, self.vocab) if self.comm.rank == 0 else None  # new: callers keep it
-            group = None if self.group is None else self.group.ref
-            failed = self.lib.plexus_step(self.layers, len(self._layer_ptrs), ends, scratch, int(ids), self.x.data_ptr(),
-                                          out, None if logits is None else logits.data_ptr(), pos, cos, sin, group,
-                                          threads)
+            logits = None
+            if self.comm.rank == 0:
+                logits = self._logits if reuse else torch.empty(1, 1, self.vocab)
+            failed = self.lib.plexus_step(self.layers, len(self._layer_ptrs), ends, scratch, token, self.x.data_ptr(),
+                                          out, None if logits is None else logits.data_ptr(), pos, cos, sin,
+                                          None if self.group is None else self.group.ref, threads)
             if failed:
                 why = ("exited" if failed == 2 else
                        f"stopped answering for {self.group.struct.timeout_s:g} s")
                 raise MeshBroken(f"rank {self.comm.rank}: another rank on this node {why} during a decode step")
             return logits
         # ranks on several nodes: the embedding's sum, each half's and the logits' gather through MPI
-        x = self.embed_tokens(ids).contiguous()
+        x = self.embed_tokens(torch.tensor([[token]])).contiguous()
         xp = x.data_ptr()
         for i, layer in enumerate(self._layer_ptrs):
             self.lib.plexus_attention(layer, scratch, xp, out, pos, cos, sin, i > 0, 0, None, threads)

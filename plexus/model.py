@@ -205,7 +205,7 @@ class CausalLM(nn.Module):
         if self.fused is not None and ids.shape == (1, 1):
             # one new token (a decode step): all of the below, collectives included, in the fused
             # C kernel (plexus/kernels.py)
-            return self.fused(ids, start)
+            return self.fused(int(ids), start)
         x = self.embed_tokens(ids)  # (B, T, hidden)
         cos, sin = self.rope.tables(start, ids.shape[1], x.dtype)
         for layer in self.layers:
@@ -213,3 +213,11 @@ class CausalLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
+
+    def step(self, token: int, pos: int) -> torch.Tensor | None:
+        """One decode step of one sequence: ``forward`` for the single id ``token`` at ``pos``,
+        except that with the fused kernel the logits come in a buffer the next step reuses (and
+        no tensor is built for the id: each torch op between steps runs cache-cold)."""
+        if self.fused is not None:
+            return self.fused(token, pos, reuse=True)
+        return self(torch.tensor([[token]], device=self.embed_tokens.weight.device), pos)

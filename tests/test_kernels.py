@@ -134,3 +134,23 @@ def test_torch_path_when_off_or_unbuildable(stories_dir, tmp_path):
     assert "fused decode kernel" not in err_off
     assert err_missing.count("fused decode kernel unavailable") == 1, err_missing
     assert "Traceback" not in err_missing
+
+
+@torch.inference_mode()
+def test_step_equals_forward_and_reuses_its_buffer(stories_engine):
+    """``CausalLM.step`` (the engine's decode call) gives the logits ``forward`` gives for the
+    same token and position; with the kernel it returns one buffer that the next step reuses."""
+    model = stories_engine.model
+    if model.fused is None:
+        pytest.skip("no fused kernel on this machine (not Linux x86-64 with a C compiler)")
+    prompt = torch.tensor([[1, 403, 407, 261, 378]])
+    model(prompt, 0)
+    want = model(torch.tensor([[42]]), 5).clone()
+    model(prompt, 0)
+    first = model.step(42, 5)
+    assert torch.equal(first, want)
+    second = model.step(7, 6)
+    assert second is first  # reused: valid until the next step
+    model(prompt, 0)
+    model(torch.tensor([[42]]), 5)
+    assert torch.equal(second, model(torch.tensor([[7]]), 6))
