@@ -209,7 +209,7 @@ class FusedDecoder:
 
     def __call__(self, token: int, pos: int, reuse: bool = False) -> torch.Tensor | None:
         """``token`` at position ``pos`` -> float32 logits (1, 1, vocab) on rank 0, None elsewhere:
-        a new tensor, or with ``reuse`` one buffer that the next such call overwrites."""
+        a new tensor, or with ``reuse`` (on one node) a buffer that the next such call overwrites."""
         threads = torch.get_num_threads()
         cos, sin = self._cos + pos * self._rope_row, self._sin + pos * self._rope_row  # no tensor ops: cold
         ends, scratch, out = ctypes.byref(self.ends), ctypes.byref(self.scratch), self.out.data_ptr()
