@@ -50,7 +50,7 @@ typedef struct {
 
 /* Ranks of one node summing their partial outputs through a shared memory segment (made by
  * plexus/kernels.py): the allreduce after each half-layer without leaving the C call. The
- * segment holds one cache line per rank (its count of reductions posted, then its process id),
+ * segment holds one cache line per rank (its count of meetings reached, then its process id),
  * then two alternating sets of slots of n floats per rank: a rank can be at most one
  * reduction ahead of any other, so the set it writes was read by every rank before. Last, the
  * logits of the whole vocabulary, where each rank writes its rows for rank 0 to take. */
@@ -77,7 +77,7 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Say this rank has reached reduction number ++seq (what it wrote before is then visible to the
+/* Say this rank has reached meeting number ++seq (what it wrote before is then visible to the
  * others), and wait until every rank has. Non-zero: a rank failed (Group.failed). */
 static int meet(Group *g) {
     long seq = ++g->seq;
