@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -105,17 +104,11 @@ def parse_budgets(max_memory: str | int | Sequence | None, world_size: int) -> l
 
 def host_available_bytes() -> int | None:
     """Memory the OS can hand out without swapping (MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        pass
+    from plexus.devices import host_memory
+
+    available = host_memory()[1]  # /proc/meminfo, else the OS's count of free pages
+    if available is not None:
+        return available
     try:
         import psutil
 
