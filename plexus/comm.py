@@ -117,6 +117,13 @@ class Communicator:
             t.copy_(host)
         return t
 
+    def sendrecv_(self, send: torch.Tensor, dest: int, recv: torch.Tensor, source: int) -> torch.Tensor:
+        """Send ``send`` to rank ``dest`` while receiving ``recv`` (overwritten, returned) from
+        rank ``source``: contiguous CPU tensors, as raw bytes (every rank calls it)."""
+        self.comm.Sendrecv([_as_bytes(send), self._MPI.BYTE], dest=dest, recvbuf=[_as_bytes(recv), self._MPI.BYTE],
+                           source=source)
+        return recv
+
     # ---- small Python objects (pickled: only ever our own control messages) -------------
 
     def bcast_obj(self, obj: Any = None, root: int = 0, poll_s: float | None = None) -> Any:

@@ -76,7 +76,10 @@ class Engine:
         if comm.rank == 0:
             get_logger().info(pool.table())
         model = load_model(model_dir, config, pool.plan, comm, ctx, torch_dtype, device, progress)
-        return cls(model, comm, eos_token_ids or frozenset(config.eos_token_ids))
+        engine = cls(model, comm, eos_token_ids or frozenset(config.eos_token_ids))
+        if model.fused is not None and model.fused.group is not None:  # ranks of one node
+            model.fused.take_rows(model, pool.spare_bytes(comm.rank))
+        return engine
 
     # ---- rank 0 ---------------------------------------------------------------------------
 

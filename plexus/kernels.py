@@ -38,12 +38,14 @@ class _Layer(ctypes.Structure):  # struct Layer in decode.c, field for field
         "input_norm", "qkv_weight", "qkv_bias", "o_weight", "post_norm", "gate_up_weight", "down_weight",
         "k_cache", "v_cache", "kv_of_q")] + [(n, ctypes.c_long) for n in (
             "num_heads", "num_kv_heads", "head_dim", "hidden", "intermediate", "max_context", "window")] + [
-        ("eps", ctypes.c_float)]
+        ("eps", ctypes.c_float), ("o_tail", ctypes.c_void_p), ("down_tail", ctypes.c_void_p)] + [
+        (n, ctypes.c_long) for n in ("tail_rows", "o_tail_cols", "down_tail_cols")]
 
 
 class _Ends(ctypes.Structure):  # struct Ends in decode.c
     _fields_ = [(n, ctypes.c_void_p) for n in ("embed", "norm", "head")] + [
-        (n, ctypes.c_long) for n in ("first", "rows", "hidden")] + [("eps", ctypes.c_float)]
+        (n, ctypes.c_long) for n in ("first", "rows", "hidden")] + [("eps", ctypes.c_float), ("own_tail", ctypes.c_long),
+        ("head_tail", ctypes.c_void_p), ("tail_first", ctypes.c_long), ("tail_rows", ctypes.c_long)]
 
 
 class _Scratch(ctypes.Structure):  # struct Scratch in decode.c
@@ -52,10 +54,13 @@ class _Scratch(ctypes.Structure):  # struct Scratch in decode.c
 
 class _Group(ctypes.Structure):  # struct Group in decode.c
     _fields_ = [("base", ctypes.c_void_p)] + [(n, ctypes.c_long) for n in ("ranks", "rank", "n", "stride", "seq")] + [
-        ("timeout_s", ctypes.c_double), ("failed", ctypes.c_int), ("logits", ctypes.c_void_p), ("vocab", ctypes.c_long)]
+        ("timeout_s", ctypes.c_double), ("failed", ctypes.c_int), ("logits", ctypes.c_void_p), ("vocab", ctypes.c_long),
+        ("lines", ctypes.c_void_p), ("act", ctypes.c_void_p), ("act_stride", ctypes.c_long), ("taken", ctypes.c_long)]
 
 
 LINE = 64  # bytes per flag in the node group's segment (one cache line)
+TAIL_SHARE = 16  # a rank of a node group may take the last 1/16 of the next rank's o_proj and down_proj rows
+HEAD_TAIL_SHARE = 32  # and the last 1/32 of its LM-head rows (1/8 and 1/16 measured no faster)
 GROUP_TIMEOUT_S = 120.0  # a rank that waits this long for another in the fused step gives up
 
 
@@ -132,6 +137,16 @@ def library():
     return _lib or None
 
 
+def _tail_rows(rows: int, share: int) -> int:
+    """Rows another rank may take of ``rows``: about 1/share of them, in whole blocks of the
+    kernel's 8, at least one block where there are 4 or more."""
+    return max(8, rows // share // 8 * 8) if rows >= 32 else 0
+
+
+def _taking_rows() -> bool:
+    return os.environ.get("PLEXUS_TAKE_ROWS", "1").lower() not in ("0", "off", "false", "no")
+
+
 def matvec(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
     """out = weight @ x with the kernel's streaming loop (float32, contiguous; the bench's probe)."""
     library().plexus_matvec(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1],
@@ -156,7 +171,9 @@ class FusedDecoder:
         # (several nodes, or a rank without the kernel) through MPI, as the torch path does
         if comm.size > 1 and all(comm.allgather_obj(usable)) and comm.local_size == comm.size:
             decoder = cls(model)
-            decoder.group = _node_group(comm, model.config.hidden_size, model.config.vocab_size)
+            a, mlp = model.layers[0].self_attn, model.layers[0].mlp
+            decoder.group = _node_group(comm, model.config.hidden_size, model.config.vocab_size,
+                                        max(a.num_heads_per_rank * a.head_dim, mlp.intermediate_per_rank))
             return decoder
         return cls(model) if usable else None
 
@@ -207,6 +224,57 @@ class FusedDecoder:
         self._logits = torch.empty(1, 1, self.vocab) if self.comm.rank == 0 else None
         self.group: _NodeGroup | None = None
 
+    def take_rows(self, model, spare_bytes: int | None) -> None:
+        """Collective over a node group (see decode.c, "Taking rows"): give the previous rank a
+        copy of the rows it may take from this one (the last 1/TAIL_SHARE of each o_proj and
+        down_proj shard's rows, the last 1/HEAD_TAIL_SHARE of the LM head's), take the next
+        rank's, and point the kernel at them: about 2% more weight memory, for steps that no
+        longer wait for the slowest rank. Not done where a rank's plan leaves it less than that
+        to spare (``spare_bytes``: its budget or usable memory less its weights and KV cache;
+        None: unknown), or with PLEXUS_TAKE_ROWS=0."""
+        from plexus.layers import host_empty  # (plexus.layers imports this module)
+        from plexus.planner import format_size
+
+        comm, hidden = self.comm, model.config.hidden_size
+        a, mlp, head = model.layers[0].self_attn, model.layers[0].mlp, model.lm_head.weight
+        shapes = comm.allgather_obj((a.num_heads_per_rank * a.head_dim, mlp.intermediate_per_rank,
+                                     self.ends.rows, self.ends.first))
+        prev, nxt = (comm.rank - 1) % comm.size, (comm.rank + 1) % comm.size
+        o_cols, down_cols, head_rows, head_first = shapes[nxt]
+        rows = _tail_rows(hidden, TAIL_SHARE) if all(o and m for o, m, _, _ in shapes) else 0
+        own_head, next_head = (_tail_rows(n, HEAD_TAIL_SHARE) for n in (self.ends.rows, head_rows))
+        per_layer = rows * (o_cols + down_cols)
+        need = (len(model.layers) * per_layer + next_head * hidden) * 4
+        why = ("PLEXUS_TAKE_ROWS=0" if not _taking_rows() else "no rows to take" if rows == 0 else
+               f"rank {comm.rank} has {spare_bytes:,} bytes to spare, not {need:,}"
+               if spare_bytes is not None and need > spare_bytes else None)
+        whys = [w for w in comm.allgather_obj(why) if w]
+        if comm.rank == 0:
+            get_logger().info("node group: %s", f"ranks do not take rows from one another ({whys[0]})" if whys else
+                              f"each rank holds a copy of {format_size(need)} of the next rank's rows, "
+                              "to take them when it finishes its own first")
+        if whys:
+            return
+        send = torch.cat([t[hidden - rows:].reshape(-1) for layer in model.layers
+                          for t in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)]
+                         + [head[self.ends.rows - own_head:].reshape(-1)])
+        tails = host_empty((need // 4,), torch.float32)
+        comm.sendrecv_(send, prev, tails, nxt)
+        del send
+        base = tails.data_ptr()
+        for i in range(len(self._layer_ptrs)):
+            layer = self.layers[i]  # a view into the array the kernel reads
+            layer.o_tail, layer.down_tail = base + i * per_layer * 4, base + (i * per_layer + rows * o_cols) * 4
+            layer.tail_rows, layer.o_tail_cols, layer.down_tail_cols = rows, o_cols, down_cols
+        self.ends.own_tail, self.ends.head_tail = own_head, base + len(self._layer_ptrs) * per_layer * 4
+        self.ends.tail_first, self.ends.tail_rows = head_first + head_rows - next_head, next_head
+        self._keep.append(tails)
+
+    @property
+    def rows_taken(self) -> int:
+        """Blocks of 8 rows this rank has computed for the next one so far (node groups)."""
+        return self.group.struct.taken if self.group is not None else 0
+
     def __call__(self, token: int, pos: int, reuse: bool = False) -> torch.Tensor | None:
         """``token`` at position ``pos`` -> float32 logits (1, 1, vocab) on rank 0, None elsewhere:
         a new tensor, or with ``reuse`` (on one node) a buffer that the next such call overwrites."""
@@ -244,26 +312,35 @@ class _NodeGroup:
     (struct Group in decode.c): rank 0 makes a file in /dev/shm, every rank maps it, and it is
     unlinked at once, so it vanishes with the processes."""
 
-    def __init__(self, memory: torch.Tensor, comm, n: int, vocab: int):
+    def __init__(self, memory: torch.Tensor, comm, n: int, vocab: int, act_floats: int):
         self.memory = memory  # keeps the mapping alive
-        logits = memory.data_ptr() + _logits_offset(comm.size, n)
-        self.struct = _Group(memory.data_ptr(), comm.size, comm.rank, n, _slot_floats(n), 0, GROUP_TIMEOUT_S, 0,
-                             logits, vocab)
+        base, at = memory.data_ptr(), _offsets(comm.size, n, vocab, act_floats)
+        self.struct = _Group(base, comm.size, comm.rank, n, _round16(n), 0, GROUP_TIMEOUT_S, 0, base + at["logits"],
+                             vocab, base + at["lines"], base + at["act"], _round16(act_floats))
         self.ref = ctypes.byref(self.struct)
 
 
-def _slot_floats(n: int) -> int:
-    return -(-n // 16) * 16  # whole cache lines per rank's slot
+def _round16(n: int) -> int:
+    return -(-n // 16) * 16  # whole cache lines of floats
 
 
-def _logits_offset(ranks: int, n: int) -> int:
-    return ranks * LINE + 2 * ranks * _slot_floats(n) * 4  # after the flags and the two sets of slots
+def _offsets(ranks: int, n: int, vocab: int, act_floats: int) -> dict:
+    """Byte offsets of the segment's parts (struct Group in decode.c) and its size: a flag line
+    per rank, two sets of slots of n floats per rank, the logits, a ready and a claim line per
+    rank, and an area per rank for the input of the rows another rank may take."""
+    at = {"slots": ranks * LINE}
+    at["logits"] = at["slots"] + 2 * ranks * _round16(n) * 4
+    at["lines"] = at["logits"] + _round16(vocab) * 4
+    at["act"] = at["lines"] + 2 * ranks * LINE
+    at["size"] = at["act"] + ranks * _round16(act_floats) * 4
+    return at
 
 
-def _node_group(comm, n: int, vocab: int) -> "_NodeGroup | None":
+def _node_group(comm, n: int, vocab: int, act_floats: int) -> "_NodeGroup | None":
     """Collective over ranks that are all on one node; None (MPI is used instead) if rank 0
-    could not make the segment."""
-    nbytes = _logits_offset(comm.size, n) + vocab * 4
+    could not make the segment. ``act_floats``: this rank's widest row-parallel input."""
+    act_floats = max(comm.allgather_obj(act_floats))
+    nbytes = _offsets(comm.size, n, vocab, act_floats)["size"]
     path, error = None, None
     if comm.rank == 0:
         try:
@@ -290,4 +367,4 @@ def _node_group(comm, n: int, vocab: int) -> "_NodeGroup | None":
         if comm.rank == 0:
             get_logger().warning("shared memory for the node's ranks failed (%s); summing through MPI", errors[0])
         return None
-    return _NodeGroup(memory, comm, n, vocab)
+    return _NodeGroup(memory, comm, n, vocab, act_floats)

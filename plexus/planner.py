@@ -239,6 +239,11 @@ class PoolPlan:
         """The model's weights once (norms that every rank copies counted once)."""
         return self.config.num_parameters() * self.dtype_bytes
 
+    def spare_bytes(self, rank: int) -> int | None:
+        """What the rank's budget (or usable memory) leaves after its weights and KV cache."""
+        b = self.budgets[rank]
+        return None if b is None else b - self.total_bytes(rank)
+
     def rank_fits(self, rank: int) -> bool | None:
         b = self.budgets[rank]
         return None if b is None else self.total_bytes(rank) <= b

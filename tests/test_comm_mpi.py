@@ -185,6 +185,16 @@ def test_bcast_numpy_array(comm):
     assert a.tolist() == [2 ** 50 + 7, 1]
 
 
+def test_sendrecv_around_a_ring(comm):
+    """Each rank sends to the previous and receives from the next (the fused kernel's tails);
+    sizes differ by rank, as shards of an uneven split do."""
+    nxt, prev = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
+    send = torch.arange(3 + comm.rank, dtype=torch.float32) + 100 * comm.rank
+    recv = torch.full((3 + nxt,), -1.0)
+    assert comm.sendrecv_(send, prev, recv, nxt) is recv
+    assert torch.equal(recv, torch.arange(3 + nxt, dtype=torch.float32) + 100 * nxt)
+
+
 def test_bcast_into_non_contiguous_view(comm):
     base = torch.zeros(3, 4, dtype=torch.bfloat16)
     view = base.t()  # (4, 3), not contiguous

@@ -8,6 +8,7 @@ tests/test_model_parity.py (test_every_decode_step_matches_transformers).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -81,10 +82,12 @@ def test_fused_steps_equal_torch_steps(stories_engine):
 
 @torch.inference_mode()
 @pytest.mark.parametrize("peer", ["stalled", "exited"])
-def test_waiting_for_a_node_peer_gives_up(stories_engine, peer):
-    """A node group whose other rank never posts its share: the step raises one MeshBroken (the
-    server's "a rank died" path) instead of spinning forever: after the group's timeout when the
-    peer's process is alive, at once when it is gone."""
+@pytest.mark.parametrize("where", ["meeting", "taking rows"])
+def test_waiting_for_a_node_peer_gives_up(stories_engine, peer, where):
+    """A node group whose other rank never posts its share (at the first meeting), or never
+    publishes the input of the rows this rank would take from it (after the first meeting): the
+    step raises one MeshBroken (the server's "a rank died" path) instead of spinning forever:
+    after the group's timeout when the peer's process is alive, at once when it is gone."""
     from plexus import kernels
     from plexus.errors import MeshBroken
 
@@ -96,14 +99,19 @@ def test_waiting_for_a_node_peer_gives_up(stories_engine, peer):
         size, rank = 2, 0
 
     hidden, vocab = model.config.hidden_size, model.config.vocab_size
-    memory = torch.zeros(kernels._logits_offset(2, hidden) + vocab * 4, dtype=torch.uint8)
+    memory = torch.zeros(kernels._offsets(2, hidden, vocab, hidden)["size"], dtype=torch.uint8)
     pid = os.getpid()  # alive
     if peer == "exited":
         p = subprocess.Popen(["true"])
         p.wait()
         pid = p.pid  # reaped: no such process
     memory[kernels.LINE + 8:kernels.LINE + 16].view(torch.int64)[0] = pid
-    group = kernels._NodeGroup(memory, OneRankComm, hidden, vocab)
+    group = kernels._NodeGroup(memory, OneRankComm, hidden, vocab, hidden)
+    if where == "taking rows":
+        memory[kernels.LINE:kernels.LINE + 8].view(torch.int64)[0] = 1  # the peer met us at the embedding
+        layer, width = model.fused.layers[0], model.layers[0].self_attn.num_heads_per_rank * model.config.head_dim
+        tail = torch.zeros(8 * width)
+        layer.o_tail, layer.tail_rows, layer.o_tail_cols = tail.data_ptr(), 8, width
     group.struct.timeout_s = 0.5 if peer == "stalled" else 60
     model.fused.group = group
     t0 = time.monotonic()
@@ -111,6 +119,11 @@ def test_waiting_for_a_node_peer_gives_up(stories_engine, peer):
     with pytest.raises(MeshBroken, match=want):
         model(torch.tensor([[1]]), 0)
     assert time.monotonic() - t0 < 10
+    flags = memory[:2 * kernels.LINE].view(torch.int64)[::kernels.LINE // 8].tolist()
+    ready = memory[kernels._offsets(2, hidden, vocab, hidden)["lines"]:][:8].view(torch.int64).item()
+    # where it waited: for the peer at meeting 1 (the embedding's sum), or for the peer's input
+    # after publishing its own for meeting 2 (without the taken rows it would have met there)
+    assert (flags, ready) == (([1, 0], 0) if where == "meeting" else ([1, 1], 2))
 
 
 def generate_tokens(model, env_extra: dict, tmp_path) -> tuple[list[int], str]:
@@ -154,3 +167,46 @@ def test_step_equals_forward_and_reuses_its_buffer(stories_engine):
     model(prompt, 0)
     model(torch.tensor([[42]]), 5)
     assert torch.equal(second, model(torch.tensor([[7]]), 6))
+
+
+@pytest.fixture(scope="module")
+def llama_3_to_1(tmp_path_factory):
+    """A random float32 Llama written by transformers, for a 3:1 split at world size 2."""
+    import transformers
+
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=4, vocab_size=512,
+                                   max_position_embeddings=128, initializer_range=0.1, dtype="float32")
+    out = tmp_path_factory.mktemp("take") / "llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_a_waiting_rank_takes_rows_and_the_logits_do_not_change(llama_3_to_1, tmp_path):
+    """Split 3:1 on one node, the light rank finishes its rows first and takes rows of the heavy
+    rank's o_proj, down_proj and LM head (decode.c, "Taking rows"). Every step's logits are the
+    same bits as a decoder that takes none: the same dot products, only done by another rank.
+    (That decoder's logits against transformers: tests/test_model_parity.py.)"""
+    from plexus import kernels
+    from tests.helpers import MPI_SCRIPTS, python_cmd, run_mpi
+
+    if kernels.library() is None:
+        pytest.skip("no fused kernel on this machine (not Linux x86-64 with a C compiler)")
+    out = tmp_path / "out.json"
+    r = run_mpi(2, python_cmd(MPI_SCRIPTS / "take_rows.py", llama_3_to_1, out), timeout=200)
+    assert r.rc == 0 and not r.timed_out, r.describe()
+    got = json.loads(out.read_text())
+    assert got["group"], "the two ranks did not form a node group"
+    assert len(got["taking"]) == len(got["not_taking"]) == 40
+    assert got["taking"] == got["not_taking"]  # bit for bit
+    assert len(set(got["tokens"])) > 1  # a real continuation, not one repeated id
+    assert got["taken"][1] > 0, got["taken"]  # the light rank (1) took rows of rank 0
+    assert got["taken_off"] == [0, 0]
+    # the copies are made only where every rank has room for them, and not under PLEXUS_TAKE_ROWS=0
+    assert got["tail_rows"] == {"engine": [8, 8], "no_room": [0, 0], "off": [0, 0]}
+    log = r.stderr
+    assert "node group: each rank holds a copy of" in log
+    assert "node group: ranks do not take rows from one another (rank 0 has 0 bytes to spare, not" in log
+    assert "node group: ranks do not take rows from one another (PLEXUS_TAKE_ROWS=0)" in log

@@ -30,6 +30,11 @@ typedef struct {
     const long *kv_of_q;       /* the local KV head each local query head reads */
     long num_heads, num_kv_heads, head_dim, hidden, intermediate, max_context, window; /* window 0: none */
     float eps;
+    /* Rows a waiting rank may take from the next rank of its node group (see Group): the last
+     * tail_rows rows of that rank's o_proj and down_proj shards, copied here, and their widths
+     * (that rank's attention width and intermediate share). tail_rows 0: nothing to take. */
+    const float *o_tail, *down_tail;
+    long tail_rows, o_tail_cols, down_tail_cols;
 } Layer;
 
 /* The model's two ends, this rank's share: its vocabulary rows [first, first + rows) of the
@@ -38,6 +43,9 @@ typedef struct {
     const float *embed, *norm, *head;
     long first, rows, hidden;
     float eps;
+    long own_tail;         /* this rank's last own_tail rows may be taken by the previous rank */
+    const float *head_tail; /* the next rank's last tail_rows LM-head rows, vocabulary rows from tail_first */
+    long tail_first, tail_rows;
 } Ends;
 
 typedef struct {
@@ -52,8 +60,17 @@ typedef struct {
  * plexus/kernels.py): the allreduce after each half-layer without leaving the C call. The
  * segment holds one cache line per rank (its count of meetings reached, then its process id),
  * then two alternating sets of slots of n floats per rank: a rank can be at most one
- * reduction ahead of any other, so the set it writes was read by every rank before. Last, the
- * logits of the whole vocabulary, where each rank writes its rows for rank 0 to take. */
+ * reduction ahead of any other, so the set it writes was read by every rank before. Then the
+ * logits of the whole vocabulary, where each rank writes its rows for rank 0 to take.
+ *
+ * Taking rows. Ranks stream at rates that wander (a core's neighbours, the memory controller),
+ * so at each meeting the faster rank would wait for the slower one. Instead, a rank that has
+ * finished its own rows takes the last rows of the next rank's row-parallel product (o_proj,
+ * down_proj, LM head), from a copy of them it holds (Layer.o_tail, ...), and writes them into
+ * that rank's slot. The rows are claimed in blocks of ROWS through a counter of the owner's
+ * (its "claim" line), so each block is done once, by whoever gets to it first. The owner
+ * publishes the input those rows need (its attention output or SwiGLU activation, in its "act"
+ * area) and then the meeting number on its "ready" line; the taker reads neither before. */
 typedef struct {
     char *base;
     long ranks, rank, n, stride; /* stride: floats per slot, a multiple of 16 */
@@ -62,6 +79,10 @@ typedef struct {
     int failed;                  /* 1: a rank stopped answering for timeout_s; 2: a rank's process is gone */
     float *logits;               /* in the segment: vocab floats */
     long vocab;
+    char *lines;                 /* per rank: a "ready" line, then a "claim" line */
+    float *act;                  /* per rank: act_stride floats */
+    long act_stride;
+    long taken;                  /* blocks of ROWS this rank has taken from the next (a count to show) */
 } Group;
 
 #define LINE 64
@@ -77,36 +98,48 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Say this rank has reached meeting number ++seq (what it wrote before is then visible to the
- * others), and wait until every rank has. Non-zero: a rank failed (Group.failed). */
-static int meet(Group *g) {
-    long seq = ++g->seq;
-    atomic_store_explicit((_Atomic long *)(g->base + g->rank * LINE), seq, memory_order_release);
-    for (long r = 0; r < g->ranks; r++) {
-        _Atomic long *flag = (_Atomic long *)(g->base + r * LINE);
-        double deadline = 0.0;
-        for (long spins = 0; atomic_load_explicit(flag, memory_order_acquire) < seq; spins++) {
-            if (spins < 4096) {
-                PAUSE();
-                continue;
-            }
-            sched_yield(); /* ranks sharing cores (oversubscribed) let the others run */
-            if ((spins & 1023) == 0) {
-                double t = now_s();
-                pid_t pid = (pid_t)((long *)(g->base + r * LINE))[1];
-                if (pid > 0 && kill(pid, 0) != 0 && errno == ESRCH) return g->failed = 2;
-                if (deadline == 0.0) deadline = t + g->timeout_s;
-                else if (t > deadline) return g->failed = 1;
-            }
+/* Wait until rank r's flag reaches value. Non-zero: rank r failed (and Group.failed says how). */
+static int wait_for(Group *g, long r, _Atomic long *flag, long value) {
+    double deadline = 0.0;
+    for (long spins = 0; atomic_load_explicit(flag, memory_order_acquire) < value; spins++) {
+        if (spins < 4096) {
+            PAUSE();
+            continue;
+        }
+        sched_yield(); /* ranks sharing cores (oversubscribed) let the others run */
+        if ((spins & 1023) == 0) {
+            double t = now_s();
+            pid_t pid = (pid_t)((long *)(g->base + r * LINE))[1];
+            if (pid > 0 && kill(pid, 0) != 0 && errno == ESRCH) return g->failed = 2;
+            if (deadline == 0.0) deadline = t + g->timeout_s;
+            else if (t > deadline) return g->failed = 1;
         }
     }
     return 0;
 }
 
-/* out = the sum of every rank's out, in rank order (so every rank gets the same bits) */
-static int group_allreduce(Group *g, float *out) {
-    float *slots = (float *)(g->base + g->ranks * LINE) + ((g->seq + 1) & 1) * g->ranks * g->stride;
-    memcpy(slots + g->rank * g->stride, out, g->n * sizeof(float));
+/* Say this rank has reached meeting number ++seq (what it wrote before is then visible to the
+ * others), and wait until every rank has. Non-zero: a rank failed (Group.failed). */
+static int meet(Group *g) {
+    long seq = ++g->seq;
+    atomic_store_explicit((_Atomic long *)(g->base + g->rank * LINE), seq, memory_order_release);
+    for (long r = 0; r < g->ranks; r++)
+        if (wait_for(g, r, (_Atomic long *)(g->base + r * LINE), seq)) return g->failed;
+    return 0;
+}
+
+/* this rank's slot for the coming meeting: the set that meeting uses (alternating) */
+static float *slot(const Group *g, long r) {
+    return (float *)(g->base + g->ranks * LINE) + ((g->seq + 1) & 1) * g->ranks * g->stride + r * g->stride;
+}
+
+static _Atomic long *ready_line(const Group *g, long r) { return (_Atomic long *)(g->lines + 2 * r * LINE); }
+static _Atomic long *claim_line(const Group *g, long r) { return (_Atomic long *)(g->lines + (2 * r + 1) * LINE); }
+
+/* out = the sum of every rank's slot, in rank order (so every rank gets the same bits), once
+ * every rank has met */
+static int sum_slots(Group *g, float *out) {
+    float *slots = slot(g, 0);
     if (meet(g)) return g->failed;
     for (long i = 0; i < g->n; i++) {
         float acc = slots[i];
@@ -116,14 +149,16 @@ static int group_allreduce(Group *g, float *out) {
     return 0;
 }
 
+/* out = the sum of every rank's out */
+static int group_allreduce(Group *g, float *out) {
+    memcpy(slot(g, g->rank), out, g->n * sizeof(float));
+    return sum_slots(g, out);
+}
+
 #define ROWS 8 /* rows of W per pass over x: 8 streams in flight, measured best on AVX-512 */
 
-/* y[r] = W[r] . x (+ b[r]) for this thread's share of the rows, in blocks of ROWS */
-static void matvec_part(const float *W, const float *b, const float *x, float *y, long n, long k) {
-    int t = omp_get_thread_num(), T = omp_get_num_threads();
-    long blocks = (n + ROWS - 1) / ROWS;
-    long r = blocks * t / T * ROWS, end = blocks * (t + 1) / T * ROWS;
-    if (end > n) end = n;
+/* y[r] = W[r] . x (+ b[r]) for rows r in [r, end), in blocks of ROWS */
+static void matvec_rows(const float *W, const float *b, const float *x, float *y, long r, long end, long k) {
     for (; r + ROWS <= end; r += ROWS) {
         const float *w = W + r * k;
         long j = 0;
@@ -147,6 +182,48 @@ static void matvec_part(const float *W, const float *b, const float *x, float *y
         for (long j = 0; j < k; j++) acc += w[j] * x[j];
         y[r] = acc + (b ? b[r] : 0.0f);
     }
+}
+
+/* the same for this thread's share of rows [0, n): the rows split evenly over the team */
+static void matvec_part(const float *W, const float *b, const float *x, float *y, long n, long k) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    long blocks = (n + ROWS - 1) / ROWS;
+    long r = blocks * t / T * ROWS, end = blocks * (t + 1) / T * ROWS;
+    matvec_rows(W, b, x, y, r, end > n ? n : end, k);
+}
+
+/* y = W x for n rows in blocks of ROWS claimed from *claim, which others may be claiming from
+ * too: each block is done once, by whoever claims it */
+static long matvec_claimed(_Atomic long *claim, const float *W, const float *x, float *y, long n, long k) {
+    long blocks = (n + ROWS - 1) / ROWS, done = 0;
+    for (long b; (b = atomic_fetch_add_explicit(claim, 1, memory_order_relaxed)) < blocks; done++)
+        matvec_rows(W, NULL, x, y, b * ROWS, (b + 1) * ROWS > n ? n : (b + 1) * ROWS, k);
+    return done;
+}
+
+/* The row-parallel product of a half (o_proj, down_proj) or the LM head, in a node group that
+ * takes rows: y = W x into this rank's part of the segment, the last ``own_tail`` rows claimed
+ * against the previous rank; then the next rank's last rows (``tail``, ``tail_rows`` of them with
+ * ``tail_cols`` columns; its input at ``tail_x``, NULL: the same x as ours) into ``tail_y``.
+ * Called by every thread of the team; ``x`` already published (see Group). */
+static void matvec_shared(Group *g, const float *W, const float *x, float *y, long n, long k, long own_tail,
+                          const float *tail, const float *tail_x, float *tail_y, long tail_rows, long tail_cols) {
+    long next = (g->rank + 1) % g->ranks;
+    matvec_part(W, NULL, x, y, n - own_tail, k);
+    if (own_tail) matvec_claimed(claim_line(g, g->rank), W + (n - own_tail) * k, x, y + n - own_tail, own_tail, k);
+    if (!tail_rows) return;
+#pragma omp single
+    wait_for(g, next, ready_line(g, next), g->seq + 1); /* its input and claim counter are set */
+    if (g->failed) return;
+    long done = matvec_claimed(claim_line(g, next), tail, tail_x ? tail_x : x, tail_y, tail_rows, tail_cols);
+    if (done) __atomic_fetch_add(&g->taken, done, __ATOMIC_RELAXED);
+}
+
+/* Before a product others may take rows of: restart this rank's claim counter, then say its
+ * input is in place (the team has passed a barrier since writing it) */
+static void publish(Group *g) {
+    atomic_store_explicit(claim_line(g, g->rank), 0, memory_order_relaxed);
+    atomic_store_explicit(ready_line(g, g->rank), g->seq + 1, memory_order_release);
 }
 
 static void add_into(float *x, const float *y, long n) {
@@ -209,24 +286,29 @@ static void start_half(const Layer *L, const float *norm, const Scratch *S, floa
     }
 }
 
-/* last: out summed over the group's ranks (if any), then x += out */
-static void finish_half(Group *g, float *x, float *out, long n) {
-#pragma omp barrier
-    if (g) {
-#pragma omp single
-        group_allreduce(g, out);
-    }
+/* last, without a group: x += out */
+static void finish_half(float *x, const float *out, long n) {
 #pragma omp for
     for (long i = 0; i < n; i++) x[i] += out[i];
 }
 
+/* last, in a node group: out = the sum of the ranks' slots, then x += out */
+static void finish_shared(Group *g, float *x, float *out, long n) {
+#pragma omp barrier
+#pragma omp single
+    if (!g->failed) sum_slots(g, out);
+    if (!g->failed) finish_half(x, out, n);
+}
+
 /* x += out first when ``before`` (the previous half's allreduced output); then
  * out = o_proj(attention(input_norm(x))), this rank's partial sum; when ``after``, out is summed
- * over the group's ranks (if there is a group) and added to x */
+ * over the node group's ranks (if there is a group: then ``after`` is 1) and added to x */
 void plexus_attention(const Layer *L, const Scratch *S, float *x, float *out, long pos,
                       const float *cos, const float *sin, int before, int after, Group *g, int threads) {
     long d = L->head_dim, nq = L->num_heads, nk = L->num_kv_heads, T = L->max_context;
     long lo = L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0;
+    long next = g ? (g->rank + 1) % g->ranks : 0;
+    float *attn = g ? g->act + g->rank * g->act_stride : S->attn; /* in the segment for a taker */
 #pragma omp parallel num_threads(threads)
     {
         start_half(L, L->input_norm, S, x, out, before);
@@ -247,17 +329,30 @@ void plexus_attention(const Layer *L, const Scratch *S, float *x, float *out, lo
         for (long h = 0; h < nq; h++) {
             long kv = L->kv_of_q[h];
             attend(S->qkv + h * d, L->k_cache + kv * T * d, L->v_cache + kv * T * d, S->scores + h * T,
-                   S->attn + h * d, lo, pos, d);
+                   attn + h * d, lo, pos, d);
         }
-        matvec_part(L->o_weight, NULL, S->attn, out, L->hidden, nq * d);
-        if (after) finish_half(g, x, out, L->hidden);
+        if (g) {
+#pragma omp single nowait
+            publish(g);
+            matvec_shared(g, L->o_weight, attn, slot(g, g->rank), L->hidden, nq * d, L->tail_rows, L->o_tail,
+                          g->act + next * g->act_stride, slot(g, next) + L->hidden - L->tail_rows, L->tail_rows,
+                          L->o_tail_cols);
+            finish_shared(g, x, out, L->hidden);
+        } else {
+            matvec_part(L->o_weight, NULL, attn, out, L->hidden, nq * d);
+            if (after) {
+#pragma omp barrier
+                finish_half(x, out, L->hidden);
+            }
+        }
     }
 }
 
 /* the same for the MLP: out = down(silu(gate(n)) * up(n)) with n = post_norm(x) */
 void plexus_mlp(const Layer *L, const Scratch *S, float *x, float *out, int before, int after, Group *g,
                 int threads) {
-    long m = L->intermediate;
+    long m = L->intermediate, next = g ? (g->rank + 1) % g->ranks : 0;
+    float *act = g ? g->act + g->rank * g->act_stride : S->gate_up; /* in the segment for a taker */
 #pragma omp parallel num_threads(threads)
     {
         start_half(L, L->post_norm, S, x, out, before);
@@ -266,10 +361,22 @@ void plexus_mlp(const Layer *L, const Scratch *S, float *x, float *out, int befo
 #pragma omp for
         for (long i = 0; i < m; i++) {
             float g = S->gate_up[i];
-            S->gate_up[i] = g / (1.0f + expf(-g)) * S->gate_up[m + i];
+            act[i] = g / (1.0f + expf(-g)) * S->gate_up[m + i];
         }
-        matvec_part(L->down_weight, NULL, S->gate_up, out, L->hidden, m);
-        if (after) finish_half(g, x, out, L->hidden);
+        if (g) {
+#pragma omp single nowait
+            publish(g);
+            matvec_shared(g, L->down_weight, act, slot(g, g->rank), L->hidden, m, L->tail_rows, L->down_tail,
+                          g->act + next * g->act_stride, slot(g, next) + L->hidden - L->tail_rows, L->tail_rows,
+                          L->down_tail_cols);
+            finish_shared(g, x, out, L->hidden);
+        } else {
+            matvec_part(L->down_weight, NULL, act, out, L->hidden, m);
+            if (after) {
+#pragma omp barrier
+                finish_half(x, out, L->hidden);
+            }
+        }
     }
 }
 
@@ -296,6 +403,20 @@ void plexus_head(const Ends *E, const Scratch *S, const float *x, float *logits,
     }
 }
 
+/* the same in a node group, into the segment's logits, rows taken as in the halves */
+static void head_shared(const Ends *E, const Scratch *S, const float *x, Group *g, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+        {
+            rms_norm(x, E->norm, S->normed, E->hidden, E->eps); /* the same bits on every rank */
+            publish(g);
+        }
+        matvec_shared(g, E->head, S->normed, g->logits + E->first, E->rows, E->hidden, E->own_tail, E->head_tail,
+                      NULL, g->logits + E->tail_first, E->tail_rows, E->hidden);
+    }
+}
+
 /* A whole decode step for one token, for a world of one rank (g NULL) or the ranks of one node:
  * its embedding (this rank's row of it or zeros, summed over the group), every layer, then the
  * logits, which every rank of a group writes into the segment for rank 0 to copy into
@@ -313,8 +434,8 @@ int plexus_step(const Layer *layers, long n, const Ends *E, const Scratch *S, lo
         plexus_head(E, S, x, logits, threads);
         return 0;
     }
-    plexus_head(E, S, x, g->logits + E->first, threads);
-    if (meet(g)) return g->failed; /* every rank's rows are in; a rank writes the next step's only
+    head_shared(E, S, x, g, threads);
+    if (g->failed || meet(g)) return g->failed; /* every rank's rows are in; a rank writes the next step's only
                                       after rank 0 has met it at that step's embedding sum */
     if (logits) memcpy(logits, g->logits, g->vocab * sizeof(float));
     return 0;
