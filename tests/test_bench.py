@@ -175,3 +175,23 @@ def test_bench_baseline_without_transformers_is_a_clear_error(demo_tiny, tmp_pat
 def test_bench_model_and_preset_together_is_a_usage_error(demo_tiny):
     result = run(plexus_cmd("bench", "--model", demo_tiny, "--preset", "tiny", *FAST), timeout=90)
     assert_clean_error(result, "--model or --preset, not both")
+
+
+def test_processes_vs_threads_script_runs():
+    """benchmarks/processes_vs_threads.py (quoted in docs/benchmarks.md) runs and reports both
+    rates; the figures themselves are the benchmark's, not the test's."""
+    import re
+
+    from plexus import kernels
+    from tests.helpers import python_cmd
+
+    if kernels.library() is None:
+        pytest.skip("no fused kernel on this machine (not Linux x86-64 with a C compiler)")
+    r = run_mpi(2, python_cmd(REPO_ROOT / "benchmarks" / "processes_vs_threads.py", "--rounds", "2", "--mib", "8"),
+                timeout=120)
+    assert r.rc == 0 and not r.timed_out, r.describe()
+    m = re.fullmatch(r"one process, \d+ threads: ([\d.]+) GB/s; 2 processes, 1 thread each: ([\d.]+) GB/s; "
+                     r"processes / one process: median ([\d.]+) \(rounds [\d.]+-[\d.]+\); "
+                     r"each rank alone: ([\d.]+), ([\d.]+) GB/s", r.stdout.strip())
+    assert m, r.stdout
+    assert all(float(v) > 0 for v in m.groups())
