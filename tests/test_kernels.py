@@ -57,13 +57,23 @@ def test_kernel_builds_and_is_cached(tmp_path, monkeypatch):
 
 
 @torch.inference_mode()
-def test_fused_steps_equal_torch_steps(stories_engine):
+@pytest.mark.parametrize("build", ["native", "without AVX2"])
+def test_fused_steps_equal_torch_steps(stories_engine, build, tmp_path, monkeypatch):
     """40 one-token steps through the kernel and through the model's torch layers, from the
-    same prompt: logits within float32 rounding, the same greedy tokens, the same KV cache."""
+    same prompt: logits within float32 rounding, the same greedy tokens, the same KV cache.
+    Also with the kernel built for a CPU without AVX2 (its plain-C dot product)."""
+    from plexus import kernels
+
     model = stories_engine.model
     if model.fused is None:
         assert not _expected_here(), "the fused kernel should be in use on this machine"
         pytest.skip("no fused kernel on this machine (not Linux x86-64 with a C compiler)")
+    if build == "without AVX2":
+        monkeypatch.setenv("PLEXUS_CACHE", str(tmp_path))
+        monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, "-mno-avx2", "-mno-fma"])
+        monkeypatch.setattr(kernels, "_lib", None)
+        model.fused = kernels.FusedDecoder.for_model(model)
+        assert model.fused.lib._name.startswith(str(tmp_path))  # that build, not the cached native one
     fused, prompt = model.fused, torch.tensor([[1, 403, 407, 261, 378]])
     runs = {}
     for mode in ("fused", "torch"):
