@@ -195,3 +195,28 @@ def test_processes_vs_threads_script_runs():
                      r"each rank alone: ([\d.]+), ([\d.]+) GB/s", r.stdout.strip())
     assert m, r.stdout
     assert all(float(v) > 0 for v in m.groups())
+
+
+def test_kernel_and_take_rows_ab_scripts_run():
+    """benchmarks/kernel_ab.py and benchmarks/take_rows_ab.py (quoted in docs/benchmarks.md) run
+    on a small model and print their comparison; the figures are the benchmarks', not the test's."""
+    import re
+    import shutil
+
+    from plexus import kernels
+    from tests.helpers import STORIES_DIR, python_cmd
+
+    if kernels.library() is None or shutil.which("git") is None:
+        pytest.skip("needs the fused kernel (Linux x86-64 with a C compiler) and git")
+    if not (STORIES_DIR / "model.safetensors").is_file():
+        pytest.skip("../shared/models/stories260K is not available")
+    r = run(python_cmd(REPO_ROOT / "benchmarks" / "kernel_ab.py", "--rev", "HEAD", "--model", STORIES_DIR,
+                       "--rounds", "2", "--steps", "4"), timeout=120)
+    assert r.rc == 0 and not r.timed_out, r.describe()
+    assert re.fullmatch(r"step: working tree [\d.]+ ms, HEAD [\d.]+ ms; working tree speed / HEAD: median [\d.]+ "
+                        r"\(rounds [\d.]+-[\d.]+\), \d+ threads, 2 rounds", r.stdout.strip()), r.stdout
+    r = run_mpi(2, python_cmd(REPO_ROOT / "benchmarks" / "take_rows_ab.py", "--model", STORIES_DIR,
+                              "--rounds", "2", "--steps", "4"), timeout=120)
+    assert r.rc == 0 and not r.timed_out, r.describe()
+    assert re.fullmatch(r"step: taking rows [\d.]+ ms, not [\d.]+ ms; speed taking / not: median [\d.]+ "
+                        r"\(rounds [\d.]+-[\d.]+\); blocks taken per step by rank: \d+, \d+", r.stdout.strip()), r.stdout

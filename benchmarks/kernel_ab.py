@@ -1,0 +1,88 @@
+"""Two builds of the fused decode kernel (plexus/csrc/decode.c) side by side in one process:
+the working tree's and the one at a git revision, on the same loaded model (world size 1, every
+core), in alternating blocks of decode steps (ABBA), so that the machine's drift falls on both.
+
+    python benchmarks/kernel_ab.py --rev 896538e [--model DIR | --preset bench] [--rounds 16] [--steps 32]
+                                   [--threads N]
+
+Prints each build's median step time and the median of the per-round speed ratios (the working
+tree's speed over the revision's), with the lowest and highest round. The two builds must share
+the struct layouts that plexus/kernels.py passes (a revision from before a layout change will
+not run). Needs git and a C compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_at(rev: str, out_dir: Path) -> Path:
+    from plexus import kernels
+
+    src = out_dir / "decode.c"
+    src.write_bytes(subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:plexus/csrc/decode.c"],
+                                   check=True, capture_output=True).stdout)
+    lib = out_dir / "decode.so"
+    subprocess.run(["cc", *kernels.FLAGS, "-o", str(lib), str(src), "-lm"], check=True)
+    return lib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rev", required=True, help="git revision of the build to compare against")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--rounds", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per block")
+    ap.add_argument("--threads", type=int, default=None, help="default: every core")
+    args = ap.parse_args()
+
+    import torch
+
+    from plexus import kernels
+    from plexus.bench import ensure_preset_model
+    from plexus.comm import Communicator
+    from plexus.devices import cpu_threads
+    from plexus.engine import Engine
+    from plexus.log import setup_logging
+
+    log = setup_logging()
+    torch.set_num_threads(args.threads or cpu_threads(1))
+    model_dir = args.model or str(ensure_preset_model(args.preset, log))
+    model = Engine.load(model_dir, Communicator.self_only(), "float32", "cpu").model
+    if model.fused is None:
+        sys.exit("the fused kernel is not available here (see plexus/kernels.py)")
+    with tempfile.TemporaryDirectory() as tmp:
+        old = ctypes.CDLL(str(build_at(args.rev, Path(tmp))))
+        old.plexus_step.argtypes, old.plexus_step.restype = model.fused.lib.plexus_step.argtypes, ctypes.c_int
+        decoders = {"working tree": model.fused, args.rev: kernels.FusedDecoder(model)}
+        decoders[args.rev].lib = old
+        prompt = torch.randint(2, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+        times = {k: [] for k in decoders}
+        with torch.inference_mode():
+            model(prompt, 0)
+            for r in range(args.rounds):
+                order = list(decoders) if r % 2 == 0 else list(decoders)[::-1]
+                for k in order:
+                    d, t0 = decoders[k], time.perf_counter()
+                    for s in range(args.steps):
+                        d(7, 128 + s, reuse=True)
+                    times[k].append((time.perf_counter() - t0) / args.steps)
+    new, ref = times["working tree"], times[args.rev]
+    ratios = sorted(b / a for a, b in zip(new, ref))
+    print(f"step: working tree {1e3 * statistics.median(new):.2f} ms, {args.rev} {1e3 * statistics.median(ref):.2f} ms; "
+          f"working tree speed / {args.rev}: median {statistics.median(ratios):.3f} "
+          f"(rounds {ratios[0]:.3f}-{ratios[-1]:.3f}), {torch.get_num_threads()} threads, {args.rounds} rounds")
+
+
+if __name__ == "__main__":
+    main()
