@@ -374,8 +374,8 @@ void plexus_mlp(const Layer *L, const Scratch *S, float *x, float *out, int befo
 #pragma omp barrier
 #pragma omp for
         for (long i = 0; i < m; i++) {
-            float g = S->gate_up[i];
-            act[i] = g / (1.0f + expf(-g)) * S->gate_up[m + i];
+            float gate = S->gate_up[i];
+            act[i] = gate / (1.0f + expf(-gate)) * S->gate_up[m + i];
         }
         if (g) {
 #pragma omp single nowait
