@@ -50,6 +50,7 @@ def main() -> None:
     from mpi4py import MPI
 
     from plexus import kernels
+    from plexus.bench import solo_environment
     from plexus.layers import host_empty
 
     comm, k = MPI.COMM_WORLD, 1024
@@ -63,9 +64,7 @@ def main() -> None:
     x, y = torch.randn(k), torch.empty(rows)
     solo = None
     if rank == 0:
-        env = {n: v for n, v in os.environ.items()
-               if not n.startswith(("OMPI_", "PMIX_", "PRTE_", "OPAL_", "PMI_", "SLURM_", "HYDRA_", "I_MPI_"))
-               and n != "OMP_NUM_THREADS"}
+        env = solo_environment()  # a world of its own, with every core
         cores = set(range(os.cpu_count() or 1))
         solo = subprocess.Popen([sys.executable, "-c", SOLO, str(rows * size), str(len(cores))], env=env, text=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -272,6 +272,15 @@ ONE_RANK_BLOCK_TOKENS = 32
 _LAUNCHER_ENV = ("OMPI_", "PMIX_", "PRTE_", "OPAL_", "PMI_", "SLURM_", "HYDRA_", "I_MPI_", "MPI_LOCAL")
 
 
+def solo_environment() -> dict:
+    """This process's environment without the launcher's variables (a child is then a world of
+    its own, not a rank of this job) and without OMP_NUM_THREADS (so it takes every core)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(_LAUNCHER_ENV) or k.startswith("OMPI_ALLOW_RUN_AS_ROOT")}
+    env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
 class SoloProcess:
     """A fresh Python process on rank 0's node, with every core of it, for the baselines: the
     whole model through Plexus as a world of one rank, or through transformers. Fresh, because
@@ -282,9 +291,7 @@ class SoloProcess:
     line each, over its stdin and stdout; its log goes to a file, quoted if it fails."""
 
     def __init__(self):
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(_LAUNCHER_ENV) or k.startswith("OMPI_ALLOW_RUN_AS_ROOT")}
-        env.pop("OMP_NUM_THREADS", None)
+        env = solo_environment()
         self.log = tempfile.TemporaryFile(mode="w+")
         code = ("import os\ntry:\n    os.sched_setaffinity(0, range(os.cpu_count()))\n"
                 "except (AttributeError, OSError):\n    pass\nfrom plexus.bench import solo_main\nsolo_main()")
@@ -304,12 +311,15 @@ class SoloProcess:
             raise PlexusError(reply["error"])
         return reply
 
-    def _failure(self) -> str:
+    def _reap(self) -> None:
         try:
             self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # it closed its output but did not exit
+        except subprocess.TimeoutExpired:  # it closed its output (or we closed its input) but it did not exit
             self.proc.kill()
             self.proc.wait()
+
+    def _failure(self) -> str:
+        self._reap()
         self.log.seek(0)
         tail = [ln for ln in self.log.read().splitlines() if ln.strip()][-1:]
         return f"the baseline process exited with code {self.proc.returncode}" + (f": {tail[0]}" if tail else "")
@@ -319,11 +329,7 @@ class SoloProcess:
             self.proc.stdin.close()
         except OSError:
             pass
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self._reap()
         self.log.close()
 
 

@@ -61,6 +61,7 @@ class _Group(ctypes.Structure):  # struct Group in decode.c
 LINE = 64  # bytes per flag in the node group's segment (one cache line)
 TAIL_SHARE = 16  # a rank of a node group may take the last 1/16 of the next rank's o_proj and down_proj rows
 HEAD_TAIL_SHARE = 32  # and the last 1/32 of its LM-head rows (1/8 and 1/16 measured no faster)
+_OFF = ("0", "off", "false", "no")  # PLEXUS_KERNELS / PLEXUS_TAKE_ROWS values that turn them off
 GROUP_TIMEOUT_S = 120.0  # a rank that waits this long for another in the fused step gives up
 
 
@@ -114,7 +115,7 @@ def library():
     global _lib
     if _lib is None:
         setting = os.environ.get("PLEXUS_KERNELS", "auto").lower()
-        if setting in ("0", "off", "false", "no") or not sys.platform.startswith("linux"):
+        if setting in _OFF or not sys.platform.startswith("linux"):
             _lib = False
         elif setting == "auto" and platform.machine().lower() not in ("x86_64", "amd64"):
             _lib = False
@@ -144,7 +145,7 @@ def _tail_rows(rows: int, share: int) -> int:
 
 
 def _taking_rows() -> bool:
-    return os.environ.get("PLEXUS_TAKE_ROWS", "1").lower() not in ("0", "off", "false", "no")
+    return os.environ.get("PLEXUS_TAKE_ROWS", "1").lower() not in _OFF
 
 
 def matvec(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:

@@ -245,8 +245,8 @@ class PoolPlan:
         return None if b is None else b - self.total_bytes(rank)
 
     def rank_fits(self, rank: int) -> bool | None:
-        b = self.budgets[rank]
-        return None if b is None else self.total_bytes(rank) <= b
+        spare = self.spare_bytes(rank)
+        return None if spare is None else spare >= 0
 
     @property
     def fits(self) -> bool | None:

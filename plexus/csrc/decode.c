@@ -158,8 +158,9 @@ static int group_allreduce(Group *g, float *out) {
 #define ROWS 8 /* rows per block: the unit a thread team splits and a node group's ranks claim */
 
 /* w . x over k floats, one row streamed front to back. A row at a time in 256-bit steps with
- * four sums streams faster here than passes over 8 rows at once (8 streams per core) or 512-bit
- * steps: 1.25-1.85x on one core, 1.04-1.23x on two (AMD EPYC, AVX-512), most on short rows. */
+ * four sums streams faster here than passes over 8 rows at once (8 streams per core) with
+ * 512-bit loads: a whole decode step 1.22x as fast on one thread, 1.14x on two (AMD EPYC,
+ * AVX-512; benchmarks/kernel_ab.py), most of it on the short rows of o_proj and down_proj. */
 static inline float dot(const float *w, const float *x, long k) {
     long j = 0;
     float s = 0.0f;
@@ -191,6 +192,12 @@ static void matvec_rows(const float *W, const float *b, const float *x, float *y
     for (; r < end; r++) y[r] = dot(W + r * k, x, k) + (b ? b[r] : 0.0f);
 }
 
+/* the same for block c of ROWS rows, the last block of n rows cut short */
+static void matvec_block(const float *W, const float *b, const float *x, float *y, long c, long n, long k) {
+    long end = (c + 1) * ROWS;
+    matvec_rows(W, b, x, y, c * ROWS, end > n ? n : end, k);
+}
+
 /* the same for this thread's share of rows [0, n), in blocks of ROWS handed out as the team's
  * threads come for them (guided: large blocks first), so a thread that streams faster does
  * more rather than waiting at the next barrier: 1.02-1.03x a step at world size 1 against an
@@ -203,7 +210,7 @@ static void matvec_part(const float *W, const float *b, const float *x, float *y
     }
     long blocks = (n + ROWS - 1) / ROWS;
 #pragma omp for schedule(guided) nowait
-    for (long c = 0; c < blocks; c++) matvec_rows(W, b, x, y, c * ROWS, (c + 1) * ROWS > n ? n : (c + 1) * ROWS, k);
+    for (long c = 0; c < blocks; c++) matvec_block(W, b, x, y, c, n, k);
 }
 
 /* y = W x for n rows in blocks of ROWS claimed from *claim, which others may be claiming from
@@ -211,7 +218,7 @@ static void matvec_part(const float *W, const float *b, const float *x, float *y
 static long matvec_claimed(_Atomic long *claim, const float *W, const float *x, float *y, long n, long k) {
     long blocks = (n + ROWS - 1) / ROWS, done = 0;
     for (long b; (b = atomic_fetch_add_explicit(claim, 1, memory_order_relaxed)) < blocks; done++)
-        matvec_rows(W, NULL, x, y, b * ROWS, (b + 1) * ROWS > n ? n : (b + 1) * ROWS, k);
+        matvec_block(W, NULL, x, y, b, n, k);
     return done;
 }
 
