@@ -1,9 +1,10 @@
 """Two builds of the fused decode kernel (plexus/csrc/decode.c) side by side in one process:
 the working tree's and the one at a git revision, on the same loaded model (world size 1, every
 core), in alternating blocks of decode steps (ABBA), so that the machine's drift falls on both.
+``--rev torch`` compares the kernel with the engine's torch ops instead.
 
     python benchmarks/kernel_ab.py --rev 896538e [--model DIR | --preset bench] [--rounds 16] [--steps 32]
-                                   [--threads N]
+                                   [--threads N] [--dtype float32 | bfloat16]
 
 Prints each build's median step time and the median of the per-round speed ratios (the working
 tree's speed over the revision's), with the lowest and highest round. The two builds must share
@@ -25,25 +26,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_at(rev: str, out_dir: Path) -> Path:
+def build_at(rev: str, out_dir: Path, dtype) -> Path:
     from plexus import kernels
 
     src = out_dir / "decode.c"
     src.write_bytes(subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:plexus/csrc/decode.c"],
                                    check=True, capture_output=True).stdout)
     lib = out_dir / "decode.so"
-    subprocess.run(["cc", *kernels.FLAGS, "-o", str(lib), str(src), "-lm"], check=True)
+    subprocess.run(["cc", *kernels.FLAGS, *kernels.DTYPE_FLAGS[dtype], "-o", str(lib), str(src), "-lm"], check=True)
     return lib
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rev", required=True, help="git revision of the build to compare against")
+    ap.add_argument("--rev", required=True, help="git revision of the build to compare against, or 'torch'")
     ap.add_argument("--model", default=None)
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--steps", type=int, default=32, help="decode steps per block")
     ap.add_argument("--threads", type=int, default=None, help="default: every core")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 
     import torch
@@ -58,14 +60,22 @@ def main() -> None:
     log = setup_logging()
     torch.set_num_threads(args.threads or cpu_threads(1))
     model_dir = args.model or str(ensure_preset_model(args.preset, log))
-    model = Engine.load(model_dir, Communicator.self_only(), "float32", "cpu").model
+    model = Engine.load(model_dir, Communicator.self_only(), args.dtype, "cpu").model
     if model.fused is None:
         sys.exit("the fused kernel is not available here (see plexus/kernels.py)")
     with tempfile.TemporaryDirectory() as tmp:
-        old = ctypes.CDLL(str(build_at(args.rev, Path(tmp))))
-        old.plexus_step.argtypes, old.plexus_step.restype = model.fused.lib.plexus_step.argtypes, ctypes.c_int
-        decoders = {"working tree": model.fused, args.rev: kernels.FusedDecoder(model)}
-        decoders[args.rev].lib = old
+        decoders = {"working tree": model.fused}
+        if args.rev == "torch":  # the model's own layers, as without the kernel
+            def torch_ops(token, pos, reuse):
+                model.fused = None
+                model(torch.tensor([[token]]), pos)
+                model.fused = decoders["working tree"]
+            decoders["torch"] = torch_ops
+        else:
+            old = ctypes.CDLL(str(build_at(args.rev, Path(tmp), getattr(torch, args.dtype))))
+            old.plexus_step.argtypes, old.plexus_step.restype = model.fused.lib.plexus_step.argtypes, ctypes.c_int
+            decoders[args.rev] = kernels.FusedDecoder(model)
+            decoders[args.rev].lib = old
         prompt = torch.randint(2, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
         times = {k: [] for k in decoders}
         with torch.inference_mode():
@@ -81,7 +91,8 @@ def main() -> None:
     ratios = sorted(b / a for a, b in zip(new, ref))
     print(f"step: working tree {1e3 * statistics.median(new):.2f} ms, {args.rev} {1e3 * statistics.median(ref):.2f} ms; "
           f"working tree speed / {args.rev}: median {statistics.median(ratios):.3f} "
-          f"(rounds {ratios[0]:.3f}-{ratios[-1]:.3f}), {torch.get_num_threads()} threads, {args.rounds} rounds")
+          f"(rounds {ratios[0]:.3f}-{ratios[-1]:.3f}), {torch.get_num_threads()} threads, {args.rounds} rounds, "
+          f"{args.dtype}")
 
 
 if __name__ == "__main__":

@@ -158,15 +158,16 @@ def matvec_kernels(dtype: torch.dtype, device: torch.device) -> dict:
     engine_linear = getattr(layers, "linear", None)
     if engine_linear is not None:
         kernels["plexus.layers.linear"] = lambda x, w: engine_linear(x, w)
-    if dtype == torch.float32 and device.type == "cpu":
+    if device.type == "cpu":
         from plexus import kernels as fused
-        if fused.library() is not None:  # the fused decode kernel's own streaming loop
+        if fused.library(dtype) is not None:  # the fused decode kernel's own streaming loop
             outs = {}
 
             def fused_matvec(x, w):
-                if w.shape[0] not in outs:
-                    outs[w.shape[0]] = torch.empty(w.shape[0])
-                fused.matvec(w, x, outs[w.shape[0]])
+                if w.shape[0] not in outs:  # its input and output are float32 in every dtype
+                    outs[w.shape[0]] = torch.empty(w.shape[0]), x.float().contiguous()
+                out, xf = outs[w.shape[0]]
+                fused.matvec(w, xf, out)
             kernels["plexus.kernels.matvec"] = fused_matvec
     return kernels
 

@@ -1,4 +1,4 @@
-"""The fused float32 decode kernel (plexus/csrc/decode.c): build, load, and run it.
+"""The fused decode kernel (plexus/csrc/decode.c), float32 and bfloat16: build, load, and run it.
 
 A decode step on the CPU is memory-bound: it should cost the time to stream the rank's weights
 once. Eager torch adds ~25 small dispatched ops per layer, each run cache-cold after the weight
@@ -7,8 +7,12 @@ half of a decoder layer (attention, MLP) as one C call instead; tensor paralleli
 the same shards, and the same allreduce after each half on worlds of more than one rank.
 
 The C file is compiled on first use with the machine's C compiler (``cc -O3 -march=native
--fopenmp``) into ``$PLEXUS_CACHE/kernels`` and reused. Where there is no compiler, no OpenMP, or
-the build fails, the engine runs the eager torch path, which computes the same thing.
+-fopenmp``) into ``$PLEXUS_CACHE/kernels`` and reused, once per dtype it serves: float32, and
+bfloat16 (``-DPLEXUS_BF16``: weights and KV cache read as bfloat16, computed in float32, which
+streams half the bytes and runs 2-3x torch's bfloat16 ops here, see docs/benchmarks.md). Where
+there is no compiler, no OpenMP, or the build fails, the engine runs the eager torch path,
+which computes the same thing (in bfloat16, the kernel rounds less often: only the weights and
+the KV cache are bfloat16, not the activations between ops).
 ``PLEXUS_KERNELS=0`` turns the kernel off, ``=1`` allows it off x86-64 (where it is unmeasured).
 """
 
@@ -31,6 +35,7 @@ from plexus.log import get_logger
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+DTYPE_FLAGS = {torch.float32: [], torch.bfloat16: ["-DPLEXUS_BF16"]}  # the dtypes the kernel serves
 
 
 class _Layer(ctypes.Structure):  # struct Layer in decode.c, field for field
@@ -65,7 +70,7 @@ _OFF = ("0", "off", "false", "no")  # PLEXUS_KERNELS / PLEXUS_TAKE_ROWS values t
 GROUP_TIMEOUT_S = 120.0  # a rank that waits this long for another in the fused step gives up
 
 
-_lib = None  # the loaded library; False once building or loading it failed
+_libs: dict = {}  # dtype -> the loaded library, or False once building or loading it failed
 
 
 def cache_dir() -> Path:
@@ -82,22 +87,22 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
-def build(compiler: str | None = None) -> Path:
-    """Compile decode.c for this machine (once; later calls find it in the cache). Raises
-    RuntimeError with the compiler's message when it cannot."""
+def build(compiler: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Compile decode.c for this machine and ``dtype`` (once; later calls find it in the
+    cache). Raises RuntimeError with the compiler's message when it cannot."""
     cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
-    out = cache_dir() / f"decode-{key}.so"
+    src, flags = SOURCE.read_bytes(), [*FLAGS, *DTYPE_FLAGS[dtype]]
+    key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    out = cache_dir() / f"decode-{str(dtype).removeprefix('torch.')}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # ranks on one node may build at once
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+        r = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                            timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
@@ -110,18 +115,19 @@ def build(compiler: str | None = None) -> Path:
     return out
 
 
-def library():
-    """The kernel library, built and loaded on first use; None where it is off or unavailable."""
-    global _lib
-    if _lib is None:
+def library(dtype: torch.dtype = torch.float32):
+    """The kernel library for models stored in ``dtype``, built and loaded on first use; None
+    where it is off or unavailable, or for a dtype it does not serve."""
+    lib = _libs.get(dtype)
+    if lib is None:
         setting = os.environ.get("PLEXUS_KERNELS", "auto").lower()
-        if setting in _OFF or not sys.platform.startswith("linux"):
-            _lib = False
+        if dtype not in DTYPE_FLAGS or setting in _OFF or not sys.platform.startswith("linux"):
+            lib = False
         elif setting == "auto" and platform.machine().lower() not in ("x86_64", "amd64"):
-            _lib = False
+            lib = False
         else:
             try:
-                lib = ctypes.CDLL(str(build()))  # torch is loaded, so its OpenMP runtime is shared
+                lib = ctypes.CDLL(str(build(dtype=dtype)))  # torch is loaded, so its OpenMP runtime is shared
                 p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
                 lib.plexus_attention.argtypes = [p, p, p, p, f, p, p, i, i, p, i]
                 lib.plexus_mlp.argtypes = [p, p, p, p, i, i, p, i]
@@ -131,11 +137,11 @@ def library():
                 for fn in (lib.plexus_attention, lib.plexus_mlp, lib.plexus_head, lib.plexus_matvec):
                     fn.restype = None
                 lib.plexus_step.restype = ctypes.c_int
-                _lib = lib
             except (RuntimeError, OSError) as e:
                 get_logger().warning("fused decode kernel unavailable (%s); decoding with torch ops", e)
-                _lib = False
-    return _lib or None
+                lib = False
+        _libs[dtype] = lib
+    return lib or None
 
 
 def _tail_rows(rows: int, share: int) -> int:
@@ -149,8 +155,9 @@ def _taking_rows() -> bool:
 
 
 def matvec(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-    """out = weight @ x with the kernel's streaming loop (float32, contiguous; the bench's probe)."""
-    library().plexus_matvec(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1],
+    """out = weight @ x with the kernel's streaming loop: weight float32 or bfloat16, x and out
+    float32, all contiguous (the bench's probe; the LM head of a float32 prefill)."""
+    library(weight.dtype).plexus_matvec(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1],
                             torch.get_num_threads())
 
 
@@ -164,10 +171,11 @@ class FusedDecoder:
 
     @classmethod
     def for_model(cls, model) -> "FusedDecoder | None":
-        """A decoder for ``model``, or None where the kernel does not apply (not float32 on the
-        CPU) or is unavailable. Collective: every rank calls it (to agree on a node group)."""
+        """A decoder for ``model``, or None where the kernel does not apply (not float32 or
+        bfloat16 on the CPU) or is unavailable. Collective: every rank calls it (to agree on a
+        node group)."""
         w, comm = model.embed_tokens.weight, model.comm
-        usable = w.dtype == torch.float32 and w.device.type == "cpu" and library() is not None
+        usable = w.device.type == "cpu" and library(w.dtype) is not None
         # ranks that all decode with the kernel on one node sum through shared memory; otherwise
         # (several nodes, or a rank without the kernel) through MPI, as the torch path does
         if comm.size > 1 and all(comm.allgather_obj(usable)) and comm.local_size == comm.size:
@@ -179,7 +187,9 @@ class FusedDecoder:
         return cls(model) if usable else None
 
     def __init__(self, model):
-        cfg, self.comm, self.lib = model.config, model.comm, library()
+        cfg, self.comm = model.config, model.comm
+        self.dtype = dtype = model.embed_tokens.weight.dtype  # of the weights and KV cache; the rest is float32
+        self.lib = library(dtype)
         rope = model.rope
         assert rope.cos.is_contiguous() and rope.sin.is_contiguous() and rope.cos.dtype == torch.float32
         self._rope = rope  # the tables: float32 (max_context, head_dim)
@@ -194,9 +204,10 @@ class FusedDecoder:
             tensors = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.o_proj.weight,
                        layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight,
                        attn.k_cache, attn.v_cache]
-            assert all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors)
+            assert all(t.is_contiguous() and t.dtype == dtype for t in tensors)
             keep += [kv_of_q, *tensors]
             bias = attn.qkv_proj.bias
+            assert bias is None or (bias.is_contiguous() and bias.dtype == dtype)
             layers.append(_Layer(
                 layer.input_layernorm.weight.data_ptr(), attn.qkv_proj.weight.data_ptr(),
                 bias.data_ptr() if bias is not None else None, attn.o_proj.weight.data_ptr(),
@@ -206,7 +217,7 @@ class FusedDecoder:
                 cfg.sliding_window or 0, cfg.rms_norm_eps))
         embed, head = model.embed_tokens, model.lm_head
         for t in (embed.weight, model.norm.weight, head.weight):
-            assert t.is_contiguous() and t.dtype == torch.float32
+            assert t.is_contiguous() and t.dtype == dtype
         keep += [embed.weight, model.norm.weight, head.weight]
         self.ends = _Ends(embed.weight.data_ptr(), model.norm.weight.data_ptr(), head.weight.data_ptr(),
                           embed.rows[0], embed.weight.shape[0], cfg.hidden_size, cfg.rms_norm_eps)
@@ -245,7 +256,8 @@ class FusedDecoder:
         rows = _tail_rows(hidden, TAIL_SHARE) if all(o and m for o, m, _, _ in shapes) else 0
         own_head, next_head = (_tail_rows(n, HEAD_TAIL_SHARE) for n in (self.ends.rows, head_rows))
         per_layer = rows * (o_cols + down_cols)
-        need = (len(model.layers) * per_layer + next_head * hidden) * 4
+        size = self.dtype.itemsize
+        need = (len(model.layers) * per_layer + next_head * hidden) * size
         why = ("PLEXUS_TAKE_ROWS=0" if not _taking_rows() else "no rows to take" if rows == 0 else
                f"rank {comm.rank} has {spare_bytes:,} bytes to spare, not {need:,}"
                if spare_bytes is not None and need > spare_bytes else None)
@@ -259,15 +271,15 @@ class FusedDecoder:
         send = torch.cat([t[hidden - rows:].reshape(-1) for layer in model.layers
                           for t in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)]
                          + [head[self.ends.rows - own_head:].reshape(-1)])
-        tails = host_empty((need // 4,), torch.float32)
+        tails = host_empty((need // size,), self.dtype)
         comm.sendrecv_(send, prev, tails, nxt)
         del send
         base = tails.data_ptr()
         for i in range(len(self._layer_ptrs)):
             layer = self.layers[i]  # a view into the array the kernel reads
-            layer.o_tail, layer.down_tail = base + i * per_layer * 4, base + (i * per_layer + rows * o_cols) * 4
+            layer.o_tail, layer.down_tail = base + i * per_layer * size, base + (i * per_layer + rows * o_cols) * size
             layer.tail_rows, layer.o_tail_cols, layer.down_tail_cols = rows, o_cols, down_cols
-        self.ends.own_tail, self.ends.head_tail = own_head, base + len(self._layer_ptrs) * per_layer * 4
+        self.ends.own_tail, self.ends.head_tail = own_head, base + len(self._layer_ptrs) * per_layer * size
         self.ends.tail_first, self.ends.tail_rows = head_first + head_rows - next_head, next_head
         self._keep.append(tails)
 
@@ -295,7 +307,7 @@ class FusedDecoder:
                 raise MeshBroken(f"rank {self.comm.rank}: another rank on this node {why} during a decode step")
             return logits
         # ranks on several nodes: the embedding's sum, each half's and the logits' gather through MPI
-        x = self.embed_tokens(torch.tensor([[token]])).contiguous()
+        x = self.embed_tokens(torch.tensor([[token]])).float().contiguous()
         xp = x.data_ptr()
         for i, layer in enumerate(self._layer_ptrs):
             self.lib.plexus_attention(layer, scratch, xp, out, pos, cos, sin, i > 0, 0, None, threads)

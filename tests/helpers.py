@@ -260,3 +260,15 @@ def hf_reference(model_dir: str | Path, prompt_ids: Sequence[int], max_new_token
                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     return {"logits": logits.tolist(), "tokens": out.sequences[0, ids.shape[1]:].tolist(),
             "step_logits": [step[0].float().tolist() for step in out.logits]}
+
+
+def hf_sequence_logits(model_dir: str | Path, ids: Sequence[int], dtype: str = "float32"):
+    """transformers' float32 logits (len(ids), vocab) at every position of ``ids``, in one
+    forward pass: what each one-token decode step over ``ids`` should give."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float()

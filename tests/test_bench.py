@@ -198,8 +198,9 @@ def test_processes_vs_threads_script_runs():
 
 
 def test_kernel_and_take_rows_ab_scripts_run():
-    """benchmarks/kernel_ab.py and benchmarks/take_rows_ab.py (quoted in docs/benchmarks.md) run
-    on a small model and print their comparison; the figures are the benchmarks', not the test's."""
+    """benchmarks/kernel_ab.py (against a revision, and bfloat16 against the torch ops) and
+    benchmarks/take_rows_ab.py (quoted in docs/benchmarks.md) run on a small model and print
+    their comparison; the figures are the benchmarks', not the test's."""
     import re
     import shutil
 
@@ -214,7 +215,12 @@ def test_kernel_and_take_rows_ab_scripts_run():
                        "--rounds", "2", "--steps", "4"), timeout=120)
     assert r.rc == 0 and not r.timed_out, r.describe()
     assert re.fullmatch(r"step: working tree [\d.]+ ms, HEAD [\d.]+ ms; working tree speed / HEAD: median [\d.]+ "
-                        r"\(rounds [\d.]+-[\d.]+\), \d+ threads, 2 rounds", r.stdout.strip()), r.stdout
+                        r"\(rounds [\d.]+-[\d.]+\), \d+ threads, 2 rounds, float32", r.stdout.strip()), r.stdout
+    r = run(python_cmd(REPO_ROOT / "benchmarks" / "kernel_ab.py", "--rev", "torch", "--dtype", "bfloat16", "--model",
+                       STORIES_DIR, "--rounds", "2", "--steps", "4"), timeout=120)
+    assert r.rc == 0 and not r.timed_out, r.describe()
+    assert re.fullmatch(r"step: working tree [\d.]+ ms, torch [\d.]+ ms; working tree speed / torch: median [\d.]+ "
+                        r"\(rounds [\d.]+-[\d.]+\), \d+ threads, 2 rounds, bfloat16", r.stdout.strip()), r.stdout
     r = run_mpi(2, python_cmd(REPO_ROOT / "benchmarks" / "take_rows_ab.py", "--model", STORIES_DIR,
                               "--rounds", "2", "--steps", "4"), timeout=120)
     assert r.rc == 0 and not r.timed_out, r.describe()

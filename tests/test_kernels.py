@@ -1,4 +1,4 @@
-"""The fused float32 decode kernel (plexus/kernels.py, plexus/csrc/decode.c): it builds where
+"""The fused decode kernel (plexus/kernels.py, plexus/csrc/decode.c), float32 and bfloat16: it builds where
 it should, computes what the torch path computes, falls back to the torch path where it cannot
 build, and a rank waiting for a node peer that never arrives gives up with one clear error.
 
@@ -71,7 +71,7 @@ def test_fused_steps_equal_torch_steps(stories_engine, build, tmp_path, monkeypa
     if build == "without AVX2":
         monkeypatch.setenv("PLEXUS_CACHE", str(tmp_path))
         monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, "-mno-avx2", "-mno-fma"])
-        monkeypatch.setattr(kernels, "_lib", None)
+        monkeypatch.setattr(kernels, "_libs", {})
         model.fused = kernels.FusedDecoder.for_model(model)
         assert model.fused.lib._name.startswith(str(tmp_path))  # that build, not the cached native one
     fused, prompt = model.fused, torch.tensor([[1, 403, 407, 261, 378]])
@@ -88,6 +88,55 @@ def test_fused_steps_equal_torch_steps(stories_engine, build, tmp_path, monkeypa
     assert torch.equal(a.argmax(-1), b.argmax(-1))
     assert (a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item())
     assert (ka - kb).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("build", ["native", "without AVX2"])
+def test_bfloat16_steps_match_transformers(stories_dir, build, tmp_path, monkeypatch):
+    """The kernel's bfloat16 build (bfloat16 weights and KV cache, float32 in between) over 40
+    one-token steps of a greedy continuation, each step's logits against transformers' at that
+    position: in float32 (on the same checkpoint) and in bfloat16. The kernel must be at least
+    about as close to float32 as transformers' own bfloat16 run, pick the same token wherever
+    float32's choice is clear, and write a KV cache close to the torch path's."""
+    from plexus import kernels
+    from plexus.comm import Communicator
+    from plexus.engine import Engine
+    from tests.helpers import hf_sequence_logits
+
+    if not _expected_here():
+        pytest.skip("the kernel is built only on Linux x86-64 with a C compiler (cc) and PLEXUS_KERNELS unset")
+    if build == "without AVX2":
+        monkeypatch.setenv("PLEXUS_CACHE", str(tmp_path))
+        monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, "-mno-avx2", "-mno-fma"])
+        monkeypatch.setattr(kernels, "_libs", {})
+    model = Engine.load(stories_dir, Communicator.self_only(), "bfloat16", "cpu").model
+    fused = model.fused
+    assert fused is not None and fused.dtype == torch.bfloat16 and "bfloat16" in fused.lib._name
+    if build == "without AVX2":
+        assert fused.lib._name.startswith(str(tmp_path))
+    prompt = [1, 403, 407, 261, 378]
+    with torch.inference_mode():
+        ids = prompt + [int(hf_sequence_logits(stories_dir, prompt)[-1].argmax())]
+        for _ in range(39):  # transformers' own greedy continuation in float32, one token at a time
+            ids.append(int(hf_sequence_logits(stories_dir, ids)[-1].argmax()))
+        runs = {}
+        for mode in ("fused", "torch"):
+            model.fused = fused if mode == "fused" else None
+            steps = [model(torch.tensor([prompt]), 0)[0, -1]]
+            for pos in range(len(prompt), len(ids) - 1):
+                steps.append(model(torch.tensor([[ids[pos]]]), pos)[0, -1])
+            runs[mode] = torch.stack(steps), model.layers[-1].self_attn.k_cache[0, :, :len(ids) - 1].float().clone()
+        model.fused = fused
+    want = hf_sequence_logits(stories_dir, ids[:-1])[len(prompt) - 1:]
+    theirs = (hf_sequence_logits(stories_dir, ids[:-1], "bfloat16")[len(prompt) - 1:] - want).abs().max().item()
+    (got, k_fused), (_, k_torch) = runs["fused"], runs["torch"]
+    assert got.shape == want.shape == (40, model.config.vocab_size)
+    ours, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert 1e-4 < ours <= 0.05 * scale, (ours, scale)  # it ran in bfloat16, and not far off
+    assert ours <= 1.5 * theirs, f"kernel {ours:.3g} off float32, transformers in bfloat16 {theirs:.3g}"
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * theirs
+    assert clear.sum() >= 20 and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+    assert (k_fused - k_torch).abs().max().item() <= 0.02 * k_torch.abs().max().item()
 
 
 @torch.inference_mode()
@@ -194,21 +243,24 @@ def llama_3_to_1(tmp_path_factory):
 
 
 @pytest.mark.timeout(240)
-def test_a_waiting_rank_takes_rows_and_the_logits_do_not_change(llama_3_to_1, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_waiting_rank_takes_rows_and_the_logits_do_not_change(llama_3_to_1, tmp_path, dtype):
     """Split 3:1 on one node, the light rank finishes its rows first and takes rows of the heavy
     rank's o_proj, down_proj and LM head (decode.c, "Taking rows"). Every step's logits are the
     same bits as a decoder that takes none: the same dot products, only done by another rank.
+    In both of the kernel's builds: float32 and bfloat16 (whose copies are bfloat16).
     (That decoder's logits against transformers: tests/test_model_parity.py.)"""
     from plexus import kernels
     from tests.helpers import MPI_SCRIPTS, python_cmd, run_mpi
 
-    if kernels.library() is None:
+    if kernels.library(getattr(torch, dtype)) is None:
         pytest.skip("no fused kernel on this machine (not Linux x86-64 with a C compiler)")
     out = tmp_path / "out.json"
-    r = run_mpi(2, python_cmd(MPI_SCRIPTS / "take_rows.py", llama_3_to_1, out), timeout=200)
+    r = run_mpi(2, python_cmd(MPI_SCRIPTS / "take_rows.py", llama_3_to_1, out, dtype), timeout=200)
     assert r.rc == 0 and not r.timed_out, r.describe()
     got = json.loads(out.read_text())
     assert got["group"], "the two ranks did not form a node group"
+    assert got["dtype"] == f"torch.{dtype}"
     assert len(got["taking"]) == len(got["not_taking"]) == 40
     assert got["taking"] == got["not_taking"]  # bit for bit
     assert len(set(got["tokens"])) > 1  # a real continuation, not one repeated id

@@ -83,6 +83,8 @@ def plexus_runs(references, bf16_checkpoint, tmp_path_factory):
                 jobs += [{"name": name, "dir": str(dirs[src]), "prompt_ids": PROMPT,
                           "max_new_tokens": MAX_NEW_TOKENS, "dtype": dtype}
                          for name, (src, dtype, _) in LOW_PRECISION.items()]
+                jobs.append({"name": f"{bf16_checkpoint.name}@mpi_sums", "dir": str(bf16_checkpoint),
+                             "prompt_ids": PROMPT, "max_new_tokens": MAX_NEW_TOKENS, "mpi_sums": True})
             (tmp / "jobs.json").write_text(json.dumps(jobs))
             r = run_mpi(n, python_cmd(MPI_SCRIPTS / "parity.py", tmp / "jobs.json", tmp / "out.json"), timeout=240)
             assert r.rc == 0 and not r.timed_out, r.describe()
@@ -197,3 +199,45 @@ def test_half_precision_at_two_ranks(plexus_runs, references, bf16_checkpoint, n
     assert ours <= 2 * theirs + 1e-3, f"{name}: {ours:.3g} off float32, transformers in {ref_dtype}: {theirs:.3g}"
     # and it really ran in low precision (for the bf16-saved checkpoint: its own dtype by default)
     assert ours > 1e-4, f"{name}: Plexus matches float32 to {ours:.3g}: did it run in float32?"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", [n for n, (_, _, ref) in LOW_PRECISION.items() if ref == "bfloat16"])
+def test_bfloat16_decode_steps_at_two_ranks(plexus_runs, references, bf16_checkpoint, name):
+    """The one-token decode steps in bfloat16 at 2 ranks of one node: the fused kernel's
+    bfloat16 build, sums through shared memory. Each step's logits against transformers' at
+    that position (one forward pass over the same tokens), in float32 and in bfloat16: as for
+    the prompt above, close to float32 and about as close to it as transformers in bfloat16."""
+    from plexus import kernels
+    from tests.helpers import hf_sequence_logits
+
+    src = LOW_PRECISION[name][0]
+    d = bf16_checkpoint if src == bf16_checkpoint.name else references[src][0]
+    run = plexus_runs(2)[name]
+    ids = PROMPT + run["tokens"][:-1]
+    want = hf_sequence_logits(d, ids)[len(PROMPT):]
+    theirs = (hf_sequence_logits(d, ids, "bfloat16")[len(PROMPT):] - want).abs().max().item()
+    got = torch.tensor(run["step_logits"])
+    assert got.shape == want.shape == (MAX_NEW_TOKENS - 1, want.shape[1])
+    ours, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert 1e-4 < ours <= 0.05 * scale, f"{name}: {ours:.3g} off float32 (logit scale {scale:.3g})"
+    assert ours <= 2 * theirs + 1e-3, f"{name}: {ours:.3g} off float32, transformers in bfloat16: {theirs:.3g}"
+    if kernels.library(torch.bfloat16) is not None:
+        assert all(run["fused"]) and all(run["node_group"]), run
+
+
+@pytest.mark.timeout(600)
+def test_bfloat16_decode_steps_with_sums_through_mpi(plexus_runs, bf16_checkpoint):
+    """The bfloat16 kernel as ranks on several machines run it (each half-layer one C call,
+    float32 sums through MPI between them): the same tokens and, to float32 rounding, the same
+    step logits as the node group's shared-memory sums above."""
+    from plexus import kernels
+
+    runs = plexus_runs(2)
+    via_mpi, via_shm = runs[f"{bf16_checkpoint.name}@mpi_sums"], runs[bf16_checkpoint.name]
+    assert via_mpi["tokens"] == via_shm["tokens"]
+    got, want = torch.tensor(via_mpi["step_logits"]), torch.tensor(via_shm["step_logits"])
+    assert got.shape == want.shape == (MAX_NEW_TOKENS - 1, want.shape[1])
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    if kernels.library(torch.bfloat16) is not None:
+        assert all(via_mpi["fused"]) and not any(via_mpi["node_group"]), via_mpi

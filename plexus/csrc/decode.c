@@ -1,13 +1,16 @@
-/* One decoder layer's step for one new token, float32, on the CPU: Plexus's fused decode kernel.
+/* One decoder layer's step for one new token, on the CPU: Plexus's fused decode kernel.
  *
  * Eager torch spends ~25 small ops per layer around the four matrix-vector products, each
  * dispatched cold after the weight stream has evicted the caches (docs/benchmarks.md). Here a
- * half-layer is one call: one OpenMP team streams the weights (a row at a time, the rows split
- * evenly over the team) and does the small work between the products in place.
+ * half-layer is one call: one OpenMP team streams the weights (a row at a time, in blocks of
+ * rows the team's threads take as they come) and does the small work between the products in place.
  *
- * The arithmetic is the model's (plexus/model.py), in float32: RMSNorm, rotate-half RoPE from the
- * model's cos / signed-sin tables, grouped-query attention over the KV cache, SwiGLU. Built and
- * loaded by plexus/kernels.py, which keeps the layout of the structs below in step with ctypes.
+ * The arithmetic is the model's (plexus/model.py): RMSNorm, rotate-half RoPE from the model's
+ * cos / signed-sin tables, grouped-query attention over the KV cache, SwiGLU. Built twice by
+ * plexus/kernels.py, which keeps the layout of the structs below in step with ctypes: for
+ * float32 models, and with PLEXUS_BF16 for bfloat16 ones, whose weights and KV cache are stored
+ * (and streamed) as bfloat16 and widened to float32 as they are read; everything in between
+ * (the hidden state, activations, sums) is float32 in both.
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, sched_yield under -std=c11 */
 #include <errno.h>
@@ -16,6 +19,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 #include <time.h>
 #include <omp.h>
@@ -23,28 +27,50 @@
 #include <immintrin.h>
 #endif
 
+/* wt: how the model stores a number (weights, KV cache); wf widens one to float32, fw rounds a
+ * float32 to it (bfloat16: to nearest, ties to even, as torch does) */
+#if defined(PLEXUS_BF16)
+typedef uint16_t wt; /* bfloat16: the top half of a float32 */
+static inline float wf(wt v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline wt fw(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (wt)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (wt)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+#else
+typedef float wt;
+static inline float wf(wt v) { return v; }
+static inline wt fw(float f) { return f; }
+#endif
+
 typedef struct {
-    const float *input_norm, *qkv_weight, *qkv_bias, *o_weight; /* qkv_bias may be NULL */
-    const float *post_norm, *gate_up_weight, *down_weight;
-    float *k_cache, *v_cache;  /* this rank's KV heads of batch row 0: (kv heads, max_context, head_dim) */
+    const wt *input_norm, *qkv_weight, *qkv_bias, *o_weight; /* qkv_bias may be NULL */
+    const wt *post_norm, *gate_up_weight, *down_weight;
+    wt *k_cache, *v_cache;     /* this rank's KV heads of batch row 0: (kv heads, max_context, head_dim) */
     const long *kv_of_q;       /* the local KV head each local query head reads */
     long num_heads, num_kv_heads, head_dim, hidden, intermediate, max_context, window; /* window 0: none */
     float eps;
     /* Rows a waiting rank may take from the next rank of its node group (see Group): the last
      * tail_rows rows of that rank's o_proj and down_proj shards, copied here, and their widths
      * (that rank's attention width and intermediate share). tail_rows 0: nothing to take. */
-    const float *o_tail, *down_tail;
+    const wt *o_tail, *down_tail;
     long tail_rows, o_tail_cols, down_tail_cols;
 } Layer;
 
 /* The model's two ends, this rank's share: its vocabulary rows [first, first + rows) of the
  * embedding and of the LM head (the same memory when they are tied), and the final norm */
 typedef struct {
-    const float *embed, *norm, *head;
+    const wt *embed, *norm, *head;
     long first, rows, hidden;
     float eps;
     long own_tail;         /* this rank's last own_tail rows may be taken by the previous rank */
-    const float *head_tail; /* the next rank's last tail_rows LM-head rows, vocabulary rows from tail_first */
+    const wt *head_tail;    /* the next rank's last tail_rows LM-head rows, vocabulary rows from tail_first */
     long tail_first, tail_rows;
 } Ends;
 
@@ -161,18 +187,25 @@ static int group_allreduce(Group *g, float *out) {
  * four sums streams faster here than passes over 8 rows at once (8 streams per core) with
  * 512-bit loads: a whole decode step 1.22x as fast on one thread, 1.14x on two (AMD EPYC,
  * AVX-512; benchmarks/kernel_ab.py), most of it on the short rows of o_proj and down_proj. */
-static inline float dot(const float *w, const float *x, long k) {
+#if defined(__AVX2__) && defined(__FMA__)
+#if defined(PLEXUS_BF16) /* 8 weights at p as float32: bfloat16 widened by a 16-bit shift */
+#define LOAD8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#else
+#define LOAD8(p) _mm256_loadu_ps(p)
+#endif
+#endif
+static inline float dot(const wt *w, const float *x, long k) {
     long j = 0;
     float s = 0.0f;
 #if defined(__AVX2__) && defined(__FMA__)
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; j + 32 <= k; j += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
+        a0 = _mm256_fmadd_ps(LOAD8(w + j), _mm256_loadu_ps(x + j), a0);
+        a1 = _mm256_fmadd_ps(LOAD8(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+        a2 = _mm256_fmadd_ps(LOAD8(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
+        a3 = _mm256_fmadd_ps(LOAD8(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
     }
-    for (; j + 8 <= k; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
+    for (; j + 8 <= k; j += 8) a0 = _mm256_fmadd_ps(LOAD8(w + j), _mm256_loadu_ps(x + j), a0);
     __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -180,20 +213,20 @@ static inline float dot(const float *w, const float *x, long k) {
 #else
     float acc[8] = {0}; /* eight independent sums the compiler can keep in one vector */
     for (; j + 8 <= k; j += 8)
-        for (int i = 0; i < 8; i++) acc[i] += w[j + i] * x[j + i];
+        for (int i = 0; i < 8; i++) acc[i] += wf(w[j + i]) * x[j + i];
     for (int i = 0; i < 8; i++) s += acc[i];
 #endif
-    for (; j < k; j++) s += w[j] * x[j];
+    for (; j < k; j++) s += wf(w[j]) * x[j];
     return s;
 }
 
 /* y[r] = W[r] . x (+ b[r]) for rows r in [r, end) */
-static void matvec_rows(const float *W, const float *b, const float *x, float *y, long r, long end, long k) {
-    for (; r < end; r++) y[r] = dot(W + r * k, x, k) + (b ? b[r] : 0.0f);
+static void matvec_rows(const wt *W, const wt *b, const float *x, float *y, long r, long end, long k) {
+    for (; r < end; r++) y[r] = dot(W + r * k, x, k) + (b ? wf(b[r]) : 0.0f);
 }
 
 /* the same for block c of ROWS rows, the last block of n rows cut short */
-static void matvec_block(const float *W, const float *b, const float *x, float *y, long c, long n, long k) {
+static void matvec_block(const wt *W, const wt *b, const float *x, float *y, long c, long n, long k) {
     long end = (c + 1) * ROWS;
     matvec_rows(W, b, x, y, c * ROWS, end > n ? n : end, k);
 }
@@ -203,7 +236,7 @@ static void matvec_block(const float *W, const float *b, const float *x, float *
  * more rather than waiting at the next barrier: 1.02-1.03x a step at world size 1 against an
  * even split (benchmarks/kernel_ab.py). No wait at the end: callers pass a barrier before
  * reading y. */
-static void matvec_part(const float *W, const float *b, const float *x, float *y, long n, long k) {
+static void matvec_part(const wt *W, const wt *b, const float *x, float *y, long n, long k) {
     if (omp_get_num_threads() == 1) {
         matvec_rows(W, b, x, y, 0, n, k);
         return;
@@ -215,7 +248,7 @@ static void matvec_part(const float *W, const float *b, const float *x, float *y
 
 /* y = W x for n rows in blocks of ROWS claimed from *claim, which others may be claiming from
  * too: each block is done once, by whoever claims it */
-static long matvec_claimed(_Atomic long *claim, const float *W, const float *x, float *y, long n, long k) {
+static long matvec_claimed(_Atomic long *claim, const wt *W, const float *x, float *y, long n, long k) {
     long blocks = (n + ROWS - 1) / ROWS, done = 0;
     for (long b; (b = atomic_fetch_add_explicit(claim, 1, memory_order_relaxed)) < blocks; done++)
         matvec_block(W, NULL, x, y, b, n, k);
@@ -227,8 +260,8 @@ static long matvec_claimed(_Atomic long *claim, const float *W, const float *x, 
  * against the previous rank; then the next rank's last rows (``tail``, ``tail_rows`` of them with
  * ``tail_cols`` columns; its input at ``tail_x``, NULL: the same x as ours) into ``tail_y``.
  * Called by every thread of the team; ``x`` already published (see Group). */
-static void matvec_shared(Group *g, const float *W, const float *x, float *y, long n, long k, long own_tail,
-                          const float *tail, const float *tail_x, float *tail_y, long tail_rows, long tail_cols) {
+static void matvec_shared(Group *g, const wt *W, const float *x, float *y, long n, long k, long own_tail,
+                          const wt *tail, const float *tail_x, float *tail_y, long tail_rows, long tail_cols) {
     long next = (g->rank + 1) % g->ranks;
     matvec_part(W, NULL, x, y, n - own_tail, k);
     if (own_tail) matvec_claimed(claim_line(g, g->rank), W + (n - own_tail) * k, x, y + n - own_tail, own_tail, k);
@@ -252,13 +285,13 @@ static void add_into(float *x, const float *y, long n) {
     for (long i = 0; i < n; i++) x[i] += y[i];
 }
 
-static void rms_norm(const float *x, const float *w, float *out, long n, float eps) {
+static void rms_norm(const float *x, const wt *w, float *out, long n, float eps) {
     float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
     for (long i = 0; i < n; i++) ss += x[i] * x[i];
     float inv = 1.0f / sqrtf(ss / (float)n + eps);
 #pragma omp simd
-    for (long i = 0; i < n; i++) out[i] = w[i] * (x[i] * inv);
+    for (long i = 0; i < n; i++) out[i] = wf(w[i]) * (x[i] * inv);
 }
 
 /* x*cos + rotate_half(x)*sin, in place, for one head; sin carries rotate-half's sign */
@@ -272,13 +305,13 @@ static void rope(float *x, const float *cos, const float *sin, long d) {
 }
 
 /* softmax(q K^T / sqrt(d)) V over cached positions lo..pos, for one query head */
-static void attend(const float *q, const float *K, const float *V, float *s, float *out, long lo, long pos, long d) {
+static void attend(const float *q, const wt *K, const wt *V, float *s, float *out, long lo, long pos, long d) {
     float scale = 1.0f / sqrtf((float)d), mx = -INFINITY, sum = 0.0f;
     for (long p = lo; p <= pos; p++) {
-        const float *k = K + p * d;
+        const wt *k = K + p * d;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (long i = 0; i < d; i++) dot += q[i] * k[i];
+        for (long i = 0; i < d; i++) dot += q[i] * wf(k[i]);
         s[p] = dot * scale;
         if (s[p] > mx) mx = s[p];
     }
@@ -288,17 +321,17 @@ static void attend(const float *q, const float *K, const float *V, float *s, flo
     }
     for (long i = 0; i < d; i++) out[i] = 0.0f;
     for (long p = lo; p <= pos; p++) {
-        const float *v = V + p * d;
+        const wt *v = V + p * d;
         float w = s[p] / sum;
 #pragma omp simd
-        for (long i = 0; i < d; i++) out[i] += w * v[i];
+        for (long i = 0; i < d; i++) out[i] += w * wf(v[i]);
     }
 }
 
 /* The two ends of a half-layer, called by every thread of its team (orphaned OpenMP directives).
  * First, on one thread: x += out (the previous half's summed output) when ``before``, then the
  * half's RMSNorm of x into S->normed; the team waits for it */
-static void start_half(const Layer *L, const float *norm, const Scratch *S, float *x, const float *out,
+static void start_half(const Layer *L, const wt *norm, const Scratch *S, float *x, const float *out,
                        int before) {
 #pragma omp single
     {
@@ -341,9 +374,12 @@ void plexus_attention(const Layer *L, const Scratch *S, float *x, float *out, lo
             rope(head, cos, sin, d);
             if (h >= nq) { /* a KV head: store its k and v at pos */
                 long kv = h - nq;
-                float *kc = L->k_cache + (kv * T + pos) * d, *vc = L->v_cache + (kv * T + pos) * d;
+                wt *kc = L->k_cache + (kv * T + pos) * d, *vc = L->v_cache + (kv * T + pos) * d;
                 const float *v = S->qkv + (nq + nk + kv) * d;
-                for (long i = 0; i < d; i++) { kc[i] = head[i]; vc[i] = v[i]; }
+                for (long i = 0; i < d; i++) {
+                    kc[i] = fw(head[i]);
+                    vc[i] = fw(v[i]);
+                }
             }
         }
 #pragma omp for
@@ -446,7 +482,8 @@ static void head_shared(const Ends *E, const Scratch *S, const float *x, Group *
 int plexus_step(const Layer *layers, long n, const Ends *E, const Scratch *S, long token, float *x, float *out,
                 float *logits, long pos, const float *cos, const float *sin, Group *g, int threads) {
     long row = token - E->first;
-    if (row >= 0 && row < E->rows) memcpy(x, E->embed + row * E->hidden, E->hidden * sizeof(float));
+    if (row >= 0 && row < E->rows)
+        for (long i = 0; i < E->hidden; i++) x[i] = wf(E->embed[row * E->hidden + i]);
     else memset(x, 0, E->hidden * sizeof(float));
     if (g && group_allreduce(g, x)) return g->failed;
     int failed = layers_step(layers, n, S, x, out, pos, cos, sin, g, threads);
@@ -463,7 +500,7 @@ int plexus_step(const Layer *layers, long n, const Ends *E, const Scratch *S, lo
 }
 
 /* y = W x, for the bandwidth probe: the same streaming loop the layers use */
-void plexus_matvec(const float *W, const float *x, float *y, long n, long k, int threads) {
+void plexus_matvec(const wt *W, const float *x, float *y, long n, long k, int threads) {
 #pragma omp parallel num_threads(threads)
     matvec_part(W, NULL, x, y, n, k);
 }

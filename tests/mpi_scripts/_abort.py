@@ -5,10 +5,10 @@ import traceback
 
 
 def run(main) -> None:
-    """Call ``main(*argv[1:3])``; any exception aborts the whole MPI job, so no rank is left
+    """Call ``main(*argv[1:])``; any exception aborts the whole MPI job, so no rank is left
     waiting in a collective for one that died."""
     try:
-        main(*sys.argv[1:3])
+        main(*sys.argv[1:])
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()

@@ -2,7 +2,7 @@
 with the engine's decoder (the light rank takes rows of the heavy one's row-parallel products,
 plexus/csrc/decode.c) and once with a decoder that takes none (one made without ``take_rows``).
 
-    mpirun -n 2 python tests/mpi_scripts/take_rows.py MODEL_DIR OUT.json
+    mpirun -n 2 python tests/mpi_scripts/take_rows.py MODEL_DIR OUT.json [DTYPE]
 
 OUT.json (rank 0): {"taking": [[logits of each step], ...], "not_taking": [...], "tokens": [...],
 "taken": [blocks taken per rank, taking], "taken_off": [the same, not taking], "group": bool,
@@ -41,11 +41,11 @@ def decode(model, decoder) -> tuple[list[list[float]], list[int]]:
     return steps, tokens
 
 
-def main(model_dir: str, out_path: str) -> None:
+def main(model_dir: str, out_path: str, dtype: str = "float32") -> None:
     comm = Communicator()
     setup_logging(comm.rank)
     torch.set_num_threads(1)
-    engine = Engine.load(model_dir, comm, dtype="float32", split="3,1")
+    engine = Engine.load(model_dir, comm, dtype=dtype, split="3,1")
     model = engine.model
     taking = model.fused  # Engine.load has given it the rows to take
     not_taking = kernels.FusedDecoder.for_model(model)
@@ -64,7 +64,8 @@ def main(model_dir: str, out_path: str) -> None:
     if comm.rank == 0:
         with open(out_path, "w") as f:
             json.dump({"taking": a, "not_taking": b, "tokens": tokens, "taken": taken, "taken_off": taken_off,
-                       "group": taking.group is not None, "tail_rows": tail_rows}, f)
+                       "group": taking.group is not None, "tail_rows": tail_rows,
+                       "dtype": str(taking.dtype)}, f)
 
 
 run(main)
