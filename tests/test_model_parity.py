@@ -40,6 +40,7 @@ CHECKPOINTS = {
 # run at world size 2: name -> (checkpoint, Plexus --dtype (None: the checkpoint's own), reference dtype)
 LOW_PRECISION = {"llama_tied_gqa@bfloat16": ("llama_tied_gqa", "bfloat16", "bfloat16"),
                  "qwen2_bias_tied@float16": ("qwen2_bias_tied", "float16", "float16"),
+                 "qwen2_bias_tied@bfloat16": ("qwen2_bias_tied", "bfloat16", "bfloat16"),  # q/k/v bias in the kernel
                  "llama_saved_in_bfloat16": ("llama_saved_in_bfloat16", None, "bfloat16")}
 BF16_CHECKPOINT = dict(kind="llama", tie_word_embeddings=True, dtype="bfloat16", seed=1)
 WORLD_SIZES = (1, 2, 4)

@@ -304,28 +304,53 @@ static void rope(float *x, const float *cos, const float *sin, long d) {
     }
 }
 
+/* out[0, d) = scale * sum over positions p in lo..pos of w[p] * V[p]: in 32-float strips down
+ * all the rows, the sums held in registers (the plain loop kept them in memory, each position
+ * waiting on the last one's stores) */
+static void weighted_rows(const wt *V, const float *w, float *out, long lo, long pos, long d, float scale) {
+    long j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; j + 32 <= d; j += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (long p = lo; p <= pos; p++) {
+            __m256 wp = _mm256_set1_ps(w[p]);
+            const wt *v = V + p * d + j;
+            a0 = _mm256_fmadd_ps(wp, LOAD8(v), a0);
+            a1 = _mm256_fmadd_ps(wp, LOAD8(v + 8), a1);
+            a2 = _mm256_fmadd_ps(wp, LOAD8(v + 16), a2);
+            a3 = _mm256_fmadd_ps(wp, LOAD8(v + 24), a3);
+        }
+        __m256 sc = _mm256_set1_ps(scale);
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(a0, sc));
+        _mm256_storeu_ps(out + j + 8, _mm256_mul_ps(a1, sc));
+        _mm256_storeu_ps(out + j + 16, _mm256_mul_ps(a2, sc));
+        _mm256_storeu_ps(out + j + 24, _mm256_mul_ps(a3, sc));
+    }
+    for (; j + 8 <= d; j += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (long p = lo; p <= pos; p++) a = _mm256_fmadd_ps(_mm256_set1_ps(w[p]), LOAD8(V + p * d + j), a);
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(a, _mm256_set1_ps(scale)));
+    }
+#endif
+    if (j == d) return;
+    for (long i = j; i < d; i++) out[i] = 0.0f;
+    for (long p = lo; p <= pos; p++)
+        for (long i = j; i < d; i++) out[i] += w[p] * wf(V[p * d + i]);
+    for (long i = j; i < d; i++) out[i] *= scale;
+}
+
 /* softmax(q K^T / sqrt(d)) V over cached positions lo..pos, for one query head */
 static void attend(const float *q, const wt *K, const wt *V, float *s, float *out, long lo, long pos, long d) {
     float scale = 1.0f / sqrtf((float)d), mx = -INFINITY, sum = 0.0f;
     for (long p = lo; p <= pos; p++) {
-        const wt *k = K + p * d;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (long i = 0; i < d; i++) dot += q[i] * wf(k[i]);
-        s[p] = dot * scale;
+        s[p] = dot(K + p * d, q, d) * scale;
         if (s[p] > mx) mx = s[p];
     }
     for (long p = lo; p <= pos; p++) {
         s[p] = expf(s[p] - mx);
         sum += s[p];
     }
-    for (long i = 0; i < d; i++) out[i] = 0.0f;
-    for (long p = lo; p <= pos; p++) {
-        const wt *v = V + p * d;
-        float w = s[p] / sum;
-#pragma omp simd
-        for (long i = 0; i < d; i++) out[i] += w * wf(v[i]);
-    }
+    weighted_rows(V, s, out, lo, pos, d, 1.0f / sum);
 }
 
 /* The two ends of a half-layer, called by every thread of its team (orphaned OpenMP directives).
