@@ -3,6 +3,7 @@ size 1 (plain ``plexus bench``: one rank, every core) and 2 (``mpirun -n 2``: on
 each run several times in interleaved rounds, reduced to medians of ratios.
 
     python benchmarks/table.py [--runs 3] [--new-tokens 128] [--jsonl results.jsonl]
+    python benchmarks/table.py --from a.jsonl [b.jsonl ...]   # the table of earlier runs' reports, pooled
 
 Before every run it waits (up to --idle-wait seconds) for the machine to be idle, since other
 programs on the node change every figure; each report also says how busy the node was.
@@ -76,9 +77,17 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--idle-wait", type=float, default=300)
     ap.add_argument("--jsonl", default=None, help="Also append every report to this file.")
+    ap.add_argument("--from", dest="sources", nargs="+", default=None,
+                    help="Print the table of the reports in these --jsonl files instead of running.")
     a = ap.parse_args()
     reports: dict[tuple[str, int], list[dict]] = {(d, n): [] for d in DTYPES for n in WORLD_SIZES}
-    for round_ in range(a.runs):
+    for i, path in enumerate(a.sources or []):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                r["round"] = (i, r["round"])  # rounds of different files are different rounds
+                reports[(r["dtype"], r["world_size"])].append(r)
+    for round_ in range(0 if a.sources else a.runs):
         for dtype in DTYPES:
             for n in WORLD_SIZES:  # ws1 and ws2 back to back, so their ratio sees the same machine
                 for _ in range(3):  # a run another program disturbed is run again

@@ -226,3 +226,32 @@ def test_kernel_and_take_rows_ab_scripts_run():
     assert r.rc == 0 and not r.timed_out, r.describe()
     assert re.fullmatch(r"step: taking rows [\d.]+ ms, not [\d.]+ ms; speed taking / not: median [\d.]+ "
                         r"\(rounds [\d.]+-[\d.]+\); blocks taken per step by rank: \d+, \d+", r.stdout.strip()), r.stdout
+
+
+def test_table_pools_saved_reports(tmp_path):
+    """benchmarks/table.py --from prints the docs' table from reports saved by earlier runs
+    (--jsonl), pooling files: each file's rounds stay its own, so a world-size-2 run is compared
+    with the world-size-1 run of its own round and file."""
+    from tests.helpers import python_cmd
+
+    def report(dtype, n, decode, fraction):
+        return {"dtype": dtype, "world_size": n, "round": 0, "decode_tok_s": decode, "bandwidth_fraction": fraction,
+                "threads_per_rank": [3 - n] * n, "rss_growth_bytes": [MiB] * n, "peak_rss_bytes": [2] * n,
+                "resident_weight_bytes_per_rank": [1] * n, "decode_vs_baseline": 2.0, "prefill_vs_baseline": 1.5,
+                **({"decode_vs_one_rank": fraction + 0.2} if n == 2 else {})}
+
+    files = []
+    for i, (ws1, ws2) in enumerate(((10.0, 12.0), (20.0, 20.0))):
+        path = tmp_path / f"run{i}.jsonl"
+        rows = [report(d, 1, ws1, 0.9 - 0.2 * i) for d in ("float32", "bfloat16")]
+        rows += [report(d, 2, ws2, 0.8 - 0.2 * i) for d in ("float32", "bfloat16")]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files.append(path)
+    r = run(python_cmd(REPO_ROOT / "benchmarks" / "table.py", "--from", *files), timeout=60)
+    assert r.rc == 0, r.describe()
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 6 and lines[0].startswith("| dtype |")
+    # ws1: fraction median(0.9, 0.7); ws2: median(0.8, 0.6), vs one rank median(1.0, 0.8), separate
+    # runs median(12/10, 20/20)
+    assert lines[2] == "| float32 | 1 x 2 | 0.80 | 2.00 | 1.50 | n/a | 1.00 | 1.0 MiB | 2.00 |"
+    assert lines[3] == "| float32 | 2 x 1 | 0.70 | 2.00 | 1.50 | 0.90 | 1.10 | 1.0 MiB | 2.00 |"
