@@ -9,7 +9,7 @@ the same shards, and the same allreduce after each half on worlds of more than o
 The C file is compiled on first use with the machine's C compiler (``cc -O3 -march=native
 -fopenmp``) into ``$PLEXUS_CACHE/kernels`` and reused, once per dtype it serves: float32, and
 bfloat16 (``-DPLEXUS_BF16``: weights and KV cache read as bfloat16, computed in float32, which
-streams half the bytes and runs 2-3x torch's bfloat16 ops here, see docs/benchmarks.md). Where
+streams half the bytes: a step 4x as fast as torch's bfloat16 ops here, docs/benchmarks.md). Where
 there is no compiler, no OpenMP, or the build fails, the engine runs the eager torch path,
 which computes the same thing (in bfloat16, the kernel rounds less often: only the weights and
 the KV cache are bfloat16, not the activations between ops).
@@ -157,8 +157,8 @@ def _taking_rows() -> bool:
 def matvec(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
     """out = weight @ x with the kernel's streaming loop: weight float32 or bfloat16, x and out
     float32, all contiguous (the bench's probe; the LM head of a float32 prefill)."""
-    library(weight.dtype).plexus_matvec(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1],
-                            torch.get_num_threads())
+    library(weight.dtype).plexus_matvec(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0],
+                                        weight.shape[1], torch.get_num_threads())
 
 
 class FusedDecoder:

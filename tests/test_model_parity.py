@@ -2,8 +2,8 @@
 sizes 1, 2 and 4, for random checkpoints that transformers itself builds and saves.
 
 The checkpoints cover, between them: Llama with tied embeddings and GQA, Llama 3.1 rope
-scaling with a single KV head (replicated on every rank), Mistral with an explicit head_dim and
-a sliding window shorter than the sequence, Qwen2 with q/k/v bias and an odd KV head count,
+scaling with a single KV head (replicated on every rank), Mistral with an explicit head_dim (44,
+not hidden / heads) and a sliding window shorter than the sequence, Qwen2 with q/k/v bias and an odd KV head count,
 multi-head attention loaded from a sharded checkpoint (model.safetensors.index.json), and
 sizes that are not powers of two (hidden 96, intermediate 200, vocab 1000, 6 heads / 3 or 2
 KV heads, so shards are uneven). One mpirun launch per world size loads them all
@@ -32,7 +32,9 @@ CHECKPOINTS = {
     "llama_tied_gqa": dict(kind="llama", tie_word_embeddings=True),
     "llama3_rope_one_kv": dict(kind="llama", num_key_value_heads=1, rope_parameters=LLAMA3_ROPE,
                                max_position_embeddings=512),
-    "mistral_window_head_dim": dict(kind="mistral", sliding_window=12, vocab_size=1003),  # uneven vocab shards
+    # uneven vocab shards; head_dim 44 = 32 + 8 + 4, so the kernel's attention takes each of its
+    # loops (32-float strips, 8-float strips, the rest one by one)
+    "mistral_window_head_dim": dict(kind="mistral", sliding_window=12, vocab_size=1003, head_dim=44),
     "qwen2_bias_tied": dict(kind="qwen2"),
     "llama_mha_sharded": dict(kind="llama", num_attention_heads=6, num_key_value_heads=6, num_hidden_layers=3,
                               max_shard_size="300KB"),
@@ -41,6 +43,7 @@ CHECKPOINTS = {
 LOW_PRECISION = {"llama_tied_gqa@bfloat16": ("llama_tied_gqa", "bfloat16", "bfloat16"),
                  "qwen2_bias_tied@float16": ("qwen2_bias_tied", "float16", "float16"),
                  "qwen2_bias_tied@bfloat16": ("qwen2_bias_tied", "bfloat16", "bfloat16"),  # q/k/v bias in the kernel
+                 "mistral_window_head_dim@bfloat16": ("mistral_window_head_dim", "bfloat16", "bfloat16"),
                  "llama_saved_in_bfloat16": ("llama_saved_in_bfloat16", None, "bfloat16")}
 BF16_CHECKPOINT = dict(kind="llama", tie_word_embeddings=True, dtype="bfloat16", seed=1)
 WORLD_SIZES = (1, 2, 4)
@@ -106,6 +109,8 @@ def test_checkpoints_cover_what_they_claim(references):
     assert rope["rope_type"] == "llama3"
     assert cfg["mistral_window_head_dim"]["architectures"] == ["MistralForCausalLM"]
     assert cfg["mistral_window_head_dim"]["sliding_window"] < len(PROMPT) + MAX_NEW_TOKENS
+    mistral = cfg["mistral_window_head_dim"]
+    assert mistral["head_dim"] == 44 != mistral["hidden_size"] // mistral["num_attention_heads"]
     assert cfg["qwen2_bias_tied"]["architectures"] == ["Qwen2ForCausalLM"]
     sharded = references["llama_mha_sharded"][0]
     index = json.loads((sharded / "model.safetensors.index.json").read_text())

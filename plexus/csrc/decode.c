@@ -189,7 +189,8 @@ static int group_allreduce(Group *g, float *out) {
  * AVX-512; benchmarks/kernel_ab.py), most of it on the short rows of o_proj and down_proj. */
 #if defined(__AVX2__) && defined(__FMA__)
 #if defined(PLEXUS_BF16) /* 8 weights at p as float32: bfloat16 widened by a 16-bit shift */
-#define LOAD8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define LOAD8(p) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #else
 #define LOAD8(p) _mm256_loadu_ps(p)
 #endif
