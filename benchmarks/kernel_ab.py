@@ -4,7 +4,7 @@ core), in alternating blocks of decode steps (ABBA), so that the machine's drift
 ``--rev torch`` compares the kernel with the engine's torch ops instead.
 
     python benchmarks/kernel_ab.py --rev 896538e [--model DIR | --preset bench] [--rounds 16] [--steps 32]
-                                   [--threads N] [--dtype float32 | bfloat16]
+                                   [--threads N] [--dtype float32 | bfloat16 | float16]
 
 Prints each build's median step time and the median of the per-round speed ratios (the working
 tree's speed over the revision's), with the lowest and highest round. The two builds must share
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--steps", type=int, default=32, help="decode steps per block")
     ap.add_argument("--threads", type=int, default=None, help="default: every core")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
 
     import torch

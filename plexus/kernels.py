@@ -1,4 +1,4 @@
-"""The fused decode kernel (plexus/csrc/decode.c), float32 and bfloat16: build, load, and run it.
+"""The fused decode kernel (plexus/csrc/decode.c), float32, bfloat16 and float16: build, load, run it.
 
 A decode step on the CPU is memory-bound: it should cost the time to stream the rank's weights
 once. Eager torch adds ~25 small dispatched ops per layer, each run cache-cold after the weight
@@ -7,12 +7,13 @@ half of a decoder layer (attention, MLP) as one C call instead; tensor paralleli
 the same shards, and the same allreduce after each half on worlds of more than one rank.
 
 The C file is compiled on first use with the machine's C compiler (``cc -O3 -march=native
--fopenmp``) into ``$PLEXUS_CACHE/kernels`` and reused, once per dtype it serves: float32, and
-bfloat16 (``-DPLEXUS_BF16``: weights and KV cache read as bfloat16, computed in float32, which
-streams half the bytes: a step 4x as fast as torch's bfloat16 ops here, docs/benchmarks.md). Where
-there is no compiler, no OpenMP, or the build fails, the engine runs the eager torch path,
-which computes the same thing (in bfloat16, the kernel rounds less often: only the weights and
-the KV cache are bfloat16, not the activations between ops).
+-fopenmp``) into ``$PLEXUS_CACHE/kernels`` and reused, once per dtype it serves: float32,
+bfloat16 (``-DPLEXUS_BF16``) and float16 (``-DPLEXUS_F16``). In the 16-bit builds the weights and
+KV cache are read as stored and computed on in float32, which streams half the bytes: a
+bfloat16 step is 4x as fast as torch's bfloat16 ops here (docs/benchmarks.md). Where there is
+no compiler, no OpenMP, or the build fails, the engine runs the eager torch path, which
+computes the same thing (in 16 bits the kernel rounds less often: only the weights and the KV
+cache are 16-bit, not the activations between ops).
 ``PLEXUS_KERNELS=0`` turns the kernel off, ``=1`` allows it off x86-64 (where it is unmeasured).
 """
 
@@ -35,7 +36,7 @@ from plexus.log import get_logger
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-DTYPE_FLAGS = {torch.float32: [], torch.bfloat16: ["-DPLEXUS_BF16"]}  # the dtypes the kernel serves
+DTYPE_FLAGS = {torch.float32: [], torch.bfloat16: ["-DPLEXUS_BF16"], torch.float16: ["-DPLEXUS_F16"]}  # one build each
 
 
 class _Layer(ctypes.Structure):  # struct Layer in decode.c, field for field
@@ -155,7 +156,7 @@ def _taking_rows() -> bool:
 
 
 def matvec(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-    """out = weight @ x with the kernel's streaming loop: weight float32 or bfloat16, x and out
+    """out = weight @ x with the kernel's streaming loop: weight of any dtype it serves, x and out
     float32, all contiguous (the bench's probe; the LM head of a float32 prefill)."""
     library(weight.dtype).plexus_matvec(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0],
                                         weight.shape[1], torch.get_num_threads())
@@ -171,8 +172,8 @@ class FusedDecoder:
 
     @classmethod
     def for_model(cls, model) -> "FusedDecoder | None":
-        """A decoder for ``model``, or None where the kernel does not apply (not float32 or
-        bfloat16 on the CPU) or is unavailable. Collective: every rank calls it (to agree on a
+        """A decoder for ``model``, or None where the kernel does not apply (not on the CPU, or a
+        dtype it does not serve) or is unavailable. Collective: every rank calls it (to agree on a
         node group)."""
         w, comm = model.embed_tokens.weight, model.comm
         usable = w.device.type == "cpu" and library(w.dtype) is not None

@@ -195,7 +195,7 @@ class CausalLM(nn.Module):
 
     def allocate_cache(self, max_batch: int = 1) -> None:
         """Preallocate the KV cache; with weights and cache in place, build the fused decode
-        step where it applies (float32 or bfloat16 on the CPU, see plexus/kernels.py)."""
+        step where it applies (float32, bfloat16 or float16 on the CPU, see plexus/kernels.py)."""
         for layer in self.layers:
             layer.self_attn.allocate_cache(max_batch, self.max_context)
         self.fused = FusedDecoder.for_model(self)

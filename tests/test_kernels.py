@@ -91,12 +91,14 @@ def test_fused_steps_equal_torch_steps(stories_engine, build, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("build", ["native", "without AVX2"])
-def test_bfloat16_steps_match_transformers(stories_dir, build, tmp_path, monkeypatch):
-    """The kernel's bfloat16 build (bfloat16 weights and KV cache, float32 in between) over 40
-    one-token steps of a greedy continuation, each step's logits against transformers' at that
-    position: in float32 (on the same checkpoint) and in bfloat16. The kernel must be at least
-    about as close to float32 as transformers' own bfloat16 run, pick the same token wherever
-    float32's choice is clear, and write a KV cache close to the torch path's."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_steps_match_transformers(stories_dir, dtype, build, tmp_path, monkeypatch):
+    """The kernel's bfloat16 and float16 builds (16-bit weights and KV cache, float32 in between)
+    over 40 one-token steps of a greedy continuation, each step's logits against transformers'
+    at that position: in float32 (on the same checkpoint) and in the same 16-bit dtype. The
+    kernel must be at least about as close to float32 as transformers' own 16-bit run, pick the
+    same token wherever float32's choice is clear, and write a KV cache close to the torch
+    path's. "without AVX2" is the plain-C build (float16 then converted by the compiler, not F16C)."""
     from plexus import kernels
     from plexus.comm import Communicator
     from plexus.engine import Engine
@@ -106,11 +108,11 @@ def test_bfloat16_steps_match_transformers(stories_dir, build, tmp_path, monkeyp
         pytest.skip("the kernel is built only on Linux x86-64 with a C compiler (cc) and PLEXUS_KERNELS unset")
     if build == "without AVX2":
         monkeypatch.setenv("PLEXUS_CACHE", str(tmp_path))
-        monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, "-mno-avx2", "-mno-fma"])
+        monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, "-mno-avx2", "-mno-fma", "-mno-f16c"])
         monkeypatch.setattr(kernels, "_libs", {})
-    model = Engine.load(stories_dir, Communicator.self_only(), "bfloat16", "cpu").model
+    model = Engine.load(stories_dir, Communicator.self_only(), dtype, "cpu").model
     fused = model.fused
-    assert fused is not None and fused.dtype == torch.bfloat16 and "bfloat16" in fused.lib._name
+    assert fused is not None and fused.dtype == getattr(torch, dtype) and dtype in fused.lib._name
     if build == "without AVX2":
         assert fused.lib._name.startswith(str(tmp_path))
     prompt = [1, 403, 407, 261, 378]
@@ -127,12 +129,12 @@ def test_bfloat16_steps_match_transformers(stories_dir, build, tmp_path, monkeyp
             runs[mode] = torch.stack(steps), model.layers[-1].self_attn.k_cache[0, :, :len(ids) - 1].float().clone()
         model.fused = fused
     want = hf_sequence_logits(stories_dir, ids[:-1])[len(prompt) - 1:]
-    theirs = (hf_sequence_logits(stories_dir, ids[:-1], "bfloat16")[len(prompt) - 1:] - want).abs().max().item()
+    theirs = (hf_sequence_logits(stories_dir, ids[:-1], dtype)[len(prompt) - 1:] - want).abs().max().item()
     (got, k_fused), (_, k_torch) = runs["fused"], runs["torch"]
     assert got.shape == want.shape == (40, model.config.vocab_size)
     ours, scale = (got - want).abs().max().item(), want.abs().max().item()
-    assert 1e-4 < ours <= 0.05 * scale, (ours, scale)  # it ran in bfloat16, and not far off
-    assert ours <= 1.5 * theirs, f"kernel {ours:.3g} off float32, transformers in bfloat16 {theirs:.3g}"
+    assert 1e-4 < ours <= 0.05 * scale, (ours, scale)  # it ran in 16 bits, and not far off
+    assert ours <= 1.5 * theirs, f"kernel {ours:.3g} off float32, transformers in {dtype} {theirs:.3g}"
     top2 = want.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 2 * theirs
     assert clear.sum() >= 20 and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
@@ -243,12 +245,12 @@ def llama_3_to_1(tmp_path_factory):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_a_waiting_rank_takes_rows_and_the_logits_do_not_change(llama_3_to_1, tmp_path, dtype):
     """Split 3:1 on one node, the light rank finishes its rows first and takes rows of the heavy
     rank's o_proj, down_proj and LM head (decode.c, "Taking rows"). Every step's logits are the
     same bits as a decoder that takes none: the same dot products, only done by another rank.
-    In both of the kernel's builds: float32 and bfloat16 (whose copies are bfloat16).
+    In each of the kernel's builds: float32, bfloat16 and float16 (whose copies are 16-bit).
     (That decoder's logits against transformers: tests/test_model_parity.py.)"""
     from plexus import kernels
     from tests.helpers import MPI_SCRIPTS, python_cmd, run_mpi

@@ -44,6 +44,7 @@ LOW_PRECISION = {"llama_tied_gqa@bfloat16": ("llama_tied_gqa", "bfloat16", "bflo
                  "qwen2_bias_tied@float16": ("qwen2_bias_tied", "float16", "float16"),
                  "qwen2_bias_tied@bfloat16": ("qwen2_bias_tied", "bfloat16", "bfloat16"),  # q/k/v bias in the kernel
                  "mistral_window_head_dim@bfloat16": ("mistral_window_head_dim", "bfloat16", "bfloat16"),
+                 "mistral_window_head_dim@float16": ("mistral_window_head_dim", "float16", "float16"),
                  "llama_saved_in_bfloat16": ("llama_saved_in_bfloat16", None, "bfloat16")}
 BF16_CHECKPOINT = dict(kind="llama", tie_word_embeddings=True, dtype="bfloat16", seed=1)
 WORLD_SIZES = (1, 2, 4)
@@ -208,27 +209,28 @@ def test_half_precision_at_two_ranks(plexus_runs, references, bf16_checkpoint, n
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", [n for n, (_, _, ref) in LOW_PRECISION.items() if ref == "bfloat16"])
-def test_bfloat16_decode_steps_at_two_ranks(plexus_runs, references, bf16_checkpoint, name):
-    """The one-token decode steps in bfloat16 at 2 ranks of one node: the fused kernel's
-    bfloat16 build, sums through shared memory. Each step's logits against transformers' at
-    that position (one forward pass over the same tokens), in float32 and in bfloat16: as for
-    the prompt above, close to float32 and about as close to it as transformers in bfloat16."""
+@pytest.mark.parametrize("name", list(LOW_PRECISION))
+def test_16_bit_decode_steps_at_two_ranks(plexus_runs, references, bf16_checkpoint, name):
+    """The one-token decode steps in bfloat16 and float16 at 2 ranks of one node: the fused
+    kernel's 16-bit builds, sums through shared memory. Each step's logits against
+    transformers' at that position (one forward pass over the same tokens), in float32 and in
+    the same dtype: as for the prompt above, close to float32 and about as close to it as
+    transformers in that dtype."""
     from plexus import kernels
     from tests.helpers import hf_sequence_logits
 
-    src = LOW_PRECISION[name][0]
+    src, _, ref_dtype = LOW_PRECISION[name]
     d = bf16_checkpoint if src == bf16_checkpoint.name else references[src][0]
     run = plexus_runs(2)[name]
     ids = PROMPT + run["tokens"][:-1]
     want = hf_sequence_logits(d, ids)[len(PROMPT):]
-    theirs = (hf_sequence_logits(d, ids, "bfloat16")[len(PROMPT):] - want).abs().max().item()
+    theirs = (hf_sequence_logits(d, ids, ref_dtype)[len(PROMPT):] - want).abs().max().item()
     got = torch.tensor(run["step_logits"])
     assert got.shape == want.shape == (MAX_NEW_TOKENS - 1, want.shape[1])
     ours, scale = (got - want).abs().max().item(), want.abs().max().item()
     assert 1e-4 < ours <= 0.05 * scale, f"{name}: {ours:.3g} off float32 (logit scale {scale:.3g})"
-    assert ours <= 2 * theirs + 1e-3, f"{name}: {ours:.3g} off float32, transformers in bfloat16: {theirs:.3g}"
-    if kernels.library(torch.bfloat16) is not None:
+    assert ours <= 2 * theirs + 1e-3, f"{name}: {ours:.3g} off float32, transformers in {ref_dtype}: {theirs:.3g}"
+    if kernels.library(getattr(torch, ref_dtype)) is not None:
         assert all(run["fused"]) and all(run["node_group"]), run
 
 

@@ -6,11 +6,11 @@
  * rows the team's threads take as they come) and does the small work between the products in place.
  *
  * The arithmetic is the model's (plexus/model.py): RMSNorm, rotate-half RoPE from the model's
- * cos / signed-sin tables, grouped-query attention over the KV cache, SwiGLU. Built twice by
+ * cos / signed-sin tables, grouped-query attention over the KV cache, SwiGLU. Built once a dtype by
  * plexus/kernels.py, which keeps the layout of the structs below in step with ctypes: for
- * float32 models, and with PLEXUS_BF16 for bfloat16 ones, whose weights and KV cache are stored
- * (and streamed) as bfloat16 and widened to float32 as they are read; everything in between
- * (the hidden state, activations, sums) is float32 in both.
+ * float32 models, with PLEXUS_BF16 for bfloat16 ones and with PLEXUS_F16 for float16 ones, whose
+ * weights and KV cache are stored (and streamed) as 16 bits and widened to float32 as they are
+ * read; everything in between (the hidden state, activations, sums) is float32 in every build.
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, sched_yield under -std=c11 */
 #include <errno.h>
@@ -23,12 +23,12 @@
 #include <string.h>
 #include <time.h>
 #include <omp.h>
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
 /* wt: how the model stores a number (weights, KV cache); wf widens one to float32, fw rounds a
- * float32 to it (bfloat16: to nearest, ties to even, as torch does) */
+ * float32 to it (to nearest, ties to even, as torch does) */
 #if defined(PLEXUS_BF16)
 typedef uint16_t wt; /* bfloat16: the top half of a float32 */
 static inline float wf(wt v) {
@@ -43,10 +43,23 @@ static inline wt fw(float f) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (wt)((u >> 16) | 0x40); /* NaN stays NaN */
     return (wt)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+#elif defined(PLEXUS_F16) && defined(__F16C__)
+typedef uint16_t wt; /* float16, converted by the CPU (F16C) */
+static inline float wf(wt v) { return _cvtsh_ss(v); }
+static inline wt fw(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+#elif defined(PLEXUS_F16)
+typedef _Float16 wt; /* float16, converted by the compiler (GCC 12+, Clang) */
+static inline float wf(wt v) { return (float)v; }
+static inline wt fw(float f) { return (wt)f; }
 #else
 typedef float wt;
 static inline float wf(wt v) { return v; }
 static inline wt fw(float f) { return f; }
+#endif
+
+/* the 256-bit loops below: AVX2 and FMA, and for float16 the F16C conversion */
+#if defined(__AVX2__) && defined(__FMA__) && (!defined(PLEXUS_F16) || defined(__F16C__))
+#define VECTOR 1
 #endif
 
 typedef struct {
@@ -187,10 +200,12 @@ static int group_allreduce(Group *g, float *out) {
  * four sums streams faster here than passes over 8 rows at once (8 streams per core) with
  * 512-bit loads: a whole decode step 1.22x as fast on one thread, 1.14x on two (AMD EPYC,
  * AVX-512; benchmarks/kernel_ab.py), most of it on the short rows of o_proj and down_proj. */
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(VECTOR)
 #if defined(PLEXUS_BF16) /* 8 weights at p as float32: bfloat16 widened by a 16-bit shift */
 #define LOAD8(p) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#elif defined(PLEXUS_F16)
+#define LOAD8(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #else
 #define LOAD8(p) _mm256_loadu_ps(p)
 #endif
@@ -198,7 +213,7 @@ static int group_allreduce(Group *g, float *out) {
 static inline float dot(const wt *w, const float *x, long k) {
     long j = 0;
     float s = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(VECTOR)
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; j + 32 <= k; j += 32) {
         a0 = _mm256_fmadd_ps(LOAD8(w + j), _mm256_loadu_ps(x + j), a0);
@@ -310,7 +325,7 @@ static void rope(float *x, const float *cos, const float *sin, long d) {
  * waiting on the last one's stores) */
 static void weighted_rows(const wt *V, const float *w, float *out, long lo, long pos, long d, float scale) {
     long j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(VECTOR)
     for (; j + 32 <= d; j += 32) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (long p = lo; p <= pos; p++) {
