@@ -1,4 +1,4 @@
-"""The fused decode kernel (plexus/kernels.py, plexus/csrc/decode.c), float32 and bfloat16: it builds where
+"""The fused decode kernel (plexus/kernels.py, plexus/csrc/decode.c), in each dtype: it builds where
 it should, computes what the torch path computes, falls back to the torch path where it cannot
 build, and a rank waiting for a node peer that never arrives gives up with one clear error.
 
@@ -102,7 +102,7 @@ def test_16_bit_steps_match_transformers(stories_dir, dtype, build, tmp_path, mo
     from plexus import kernels
     from plexus.comm import Communicator
     from plexus.engine import Engine
-    from tests.helpers import hf_sequence_logits
+    from tests.helpers import hf_reference, hf_sequence_logits
 
     if not _expected_here():
         pytest.skip("the kernel is built only on Linux x86-64 with a C compiler (cc) and PLEXUS_KERNELS unset")
@@ -116,10 +116,8 @@ def test_16_bit_steps_match_transformers(stories_dir, dtype, build, tmp_path, mo
     if build == "without AVX2":
         assert fused.lib._name.startswith(str(tmp_path))
     prompt = [1, 403, 407, 261, 378]
+    ids = prompt + hf_reference(stories_dir, prompt, 40)["tokens"]  # transformers' greedy continuation, float32
     with torch.inference_mode():
-        ids = prompt + [int(hf_sequence_logits(stories_dir, prompt)[-1].argmax())]
-        for _ in range(39):  # transformers' own greedy continuation in float32, one token at a time
-            ids.append(int(hf_sequence_logits(stories_dir, ids)[-1].argmax()))
         runs = {}
         for mode in ("fused", "torch"):
             model.fused = fused if mode == "fused" else None
