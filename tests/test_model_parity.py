@@ -3,10 +3,10 @@ sizes 1, 2 and 4, for random checkpoints that transformers itself builds and sav
 
 The checkpoints cover, between them: Llama with tied embeddings and GQA, Llama 3.1 rope
 scaling with a single KV head (replicated on every rank), Mistral with an explicit head_dim (44,
-not hidden / heads) and a sliding window shorter than the sequence, Qwen2 with q/k/v bias and an odd KV head count,
-multi-head attention loaded from a sharded checkpoint (model.safetensors.index.json), and
-sizes that are not powers of two (hidden 96, intermediate 200, vocab 1000, 6 heads / 3 or 2
-KV heads, so shards are uneven). One mpirun launch per world size loads them all
+not hidden / heads) and a sliding window shorter than the sequence, Qwen2 with q/k/v bias and
+an odd KV head count, multi-head attention loaded from a sharded checkpoint
+(model.safetensors.index.json), and sizes that are not powers of two (hidden 96, intermediate
+200, vocab 1000, 6 heads / 3 or 2 KV heads, so shards are uneven). One mpirun launch per world size loads them all
 (tests/mpi_scripts/parity.py). bfloat16 and float16 run at world size 2.
 """
 
