@@ -4,7 +4,7 @@ core), in alternating blocks of decode steps (ABBA), so that the machine's drift
 ``--rev torch`` compares the kernel with the engine's torch ops instead.
 
     python benchmarks/kernel_ab.py --rev 896538e [--model DIR | --preset bench] [--rounds 16] [--steps 32]
-                                   [--threads N] [--dtype float32 | bfloat16 | float16]
+                                   [--prompt-tokens 128] [--threads N] [--dtype float32 | bfloat16 | float16]
 
 Prints each build's median step time and the median of the per-round speed ratios (the working
 tree's speed over the revision's), with the lowest and highest round. The two builds must share
@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--steps", type=int, default=32, help="decode steps per block")
+    ap.add_argument("--prompt-tokens", type=int, default=128,
+                    help="positions in the KV cache before the first step (the attention's share grows with it)")
     ap.add_argument("--threads", type=int, default=None, help="default: every core")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
@@ -76,7 +78,7 @@ def main() -> None:
             old.plexus_step.argtypes, old.plexus_step.restype = model.fused.lib.plexus_step.argtypes, ctypes.c_int
             decoders[args.rev] = kernels.FusedDecoder(model)
             decoders[args.rev].lib = old
-        prompt = torch.randint(2, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+        prompt = torch.randint(2, model.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
         times = {k: [] for k in decoders}
         with torch.inference_mode():
             model(prompt, 0)
@@ -85,7 +87,7 @@ def main() -> None:
                 for k in order:
                     d, t0 = decoders[k], time.perf_counter()
                     for s in range(args.steps):
-                        d(7, 128 + s, reuse=True)
+                        d(7, args.prompt_tokens + s, reuse=True)
                     times[k].append((time.perf_counter() - t0) / args.steps)
     new, ref = times["working tree"], times[args.rev]
     ratios = sorted(b / a for a, b in zip(new, ref))

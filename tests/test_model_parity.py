@@ -2,7 +2,7 @@
 sizes 1, 2 and 4, for random checkpoints that transformers itself builds and saves.
 
 The checkpoints cover, between them: Llama with tied embeddings and GQA, Llama 3.1 rope
-scaling with a single KV head (replicated on every rank), Mistral with an explicit head_dim (44,
+scaling with a single KV head (replicated on every rank), Mistral with an explicit head_dim (76,
 not hidden / heads) and a sliding window shorter than the sequence, Qwen2 with q/k/v bias and
 an odd KV head count, multi-head attention loaded from a sharded checkpoint
 (model.safetensors.index.json), and sizes that are not powers of two (hidden 96, intermediate
@@ -32,9 +32,11 @@ CHECKPOINTS = {
     "llama_tied_gqa": dict(kind="llama", tie_word_embeddings=True),
     "llama3_rope_one_kv": dict(kind="llama", num_key_value_heads=1, rope_parameters=LLAMA3_ROPE,
                                max_position_embeddings=512),
-    # uneven vocab shards; head_dim 44 = 32 + 8 + 4, so the kernel's attention takes each of its
-    # loops (32-float strips, 8-float strips, the rest one by one)
-    "mistral_window_head_dim": dict(kind="mistral", sliding_window=12, vocab_size=1003, head_dim=44),
+    # uneven vocab shards; head_dim 76 = 64 + 8 + 4, so the kernel's weighted sum of V takes each
+    # of its loops (64-float strips, 8-float strips, the rest one by one), and its scores the
+    # row-by-row dot (not a multiple of 8); the 16-float heads of the others take its
+    # eight-positions-at-once path
+    "mistral_window_head_dim": dict(kind="mistral", sliding_window=12, vocab_size=1003, head_dim=76),
     "qwen2_bias_tied": dict(kind="qwen2"),
     "llama_mha_sharded": dict(kind="llama", num_attention_heads=6, num_key_value_heads=6, num_hidden_layers=3,
                               max_shard_size="300KB"),
@@ -111,7 +113,7 @@ def test_checkpoints_cover_what_they_claim(references):
     assert cfg["mistral_window_head_dim"]["architectures"] == ["MistralForCausalLM"]
     assert cfg["mistral_window_head_dim"]["sliding_window"] < len(PROMPT) + MAX_NEW_TOKENS
     mistral = cfg["mistral_window_head_dim"]
-    assert mistral["head_dim"] == 44 != mistral["hidden_size"] // mistral["num_attention_heads"]
+    assert mistral["head_dim"] == 76 != mistral["hidden_size"] // mistral["num_attention_heads"]
     assert cfg["qwen2_bias_tied"]["architectures"] == ["Qwen2ForCausalLM"]
     sharded = references["llama_mha_sharded"][0]
     index = json.loads((sharded / "model.safetensors.index.json").read_text())

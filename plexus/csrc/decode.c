@@ -320,32 +320,35 @@ static void rope(float *x, const float *cos, const float *sin, long d) {
     }
 }
 
-/* out[0, d) = scale * sum over positions p in lo..pos of w[p] * V[p]: in 32-float strips down
- * all the rows, the sums held in registers (the plain loop kept them in memory, each position
- * waiting on the last one's stores) */
+/* How far ahead (in positions) the attention loops ask for the KV cache rows they will read: they
+ * come from memory (the weights streamed since evicted them), and the hardware's own prefetch
+ * alone left the attention phase 5-10% slower (benchmarks/kernel_ab.py) */
+#define AHEAD 16
+
+/* out[0, d) = scale * sum over positions p in lo..pos of w[p] * V[p]: in 64-float strips down
+ * all the rows (then 8-float ones), the sums held in registers: eight independent chains of
+ * multiply-adds, enough to keep both FMA units busy (four left half their time idle, and the
+ * plain loop kept the sums in memory, each position waiting on the last one's stores) */
 static void weighted_rows(const wt *V, const float *w, float *out, long lo, long pos, long d, float scale) {
     long j = 0;
 #if defined(VECTOR)
-    for (; j + 32 <= d; j += 32) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 sc = _mm256_set1_ps(scale);
+    for (; j + 64 <= d; j += 64) {
+        __m256 a[8];
+        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
         for (long p = lo; p <= pos; p++) {
             __m256 wp = _mm256_set1_ps(w[p]);
             const wt *v = V + p * d + j;
-            a0 = _mm256_fmadd_ps(wp, LOAD8(v), a0);
-            a1 = _mm256_fmadd_ps(wp, LOAD8(v + 8), a1);
-            a2 = _mm256_fmadd_ps(wp, LOAD8(v + 16), a2);
-            a3 = _mm256_fmadd_ps(wp, LOAD8(v + 24), a3);
+            if (p + AHEAD <= pos)
+                for (long b = 0; b < 64 * (long)sizeof(wt); b += 64) _mm_prefetch((const char *)(v + AHEAD * d) + b, _MM_HINT_T0);
+            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(wp, LOAD8(v + 8 * i), a[i]);
         }
-        __m256 sc = _mm256_set1_ps(scale);
-        _mm256_storeu_ps(out + j, _mm256_mul_ps(a0, sc));
-        _mm256_storeu_ps(out + j + 8, _mm256_mul_ps(a1, sc));
-        _mm256_storeu_ps(out + j + 16, _mm256_mul_ps(a2, sc));
-        _mm256_storeu_ps(out + j + 24, _mm256_mul_ps(a3, sc));
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(out + j + 8 * i, _mm256_mul_ps(a[i], sc));
     }
     for (; j + 8 <= d; j += 8) {
         __m256 a = _mm256_setzero_ps();
         for (long p = lo; p <= pos; p++) a = _mm256_fmadd_ps(_mm256_set1_ps(w[p]), LOAD8(V + p * d + j), a);
-        _mm256_storeu_ps(out + j, _mm256_mul_ps(a, _mm256_set1_ps(scale)));
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(a, sc));
     }
 #endif
     if (j == d) return;
@@ -355,17 +358,113 @@ static void weighted_rows(const wt *V, const float *w, float *out, long lo, long
     for (long i = j; i < d; i++) out[i] *= scale;
 }
 
-/* softmax(q K^T / sqrt(d)) V over cached positions lo..pos, for one query head */
-static void attend(const float *q, const wt *K, const wt *V, float *s, float *out, long lo, long pos, long d) {
-    float scale = 1.0f / sqrtf((float)d), mx = -INFINITY, sum = 0.0f;
-    for (long p = lo; p <= pos; p++) {
-        s[p] = dot(K + p * d, q, d) * scale;
-        if (s[p] > mx) mx = s[p];
+#if defined(VECTOR)
+/* e^x in eight lanes: x = n ln2 + r with |r| <= ln2/2, e^r by Cephes' expf polynomial (within
+ * ~2 ulp of expf), times 2^n built in the exponent bits. Below -88.38 it gives 0, above 88.37
+ * 2^127 e^r (expf: its denormals, inf); NaN stays NaN. 3-5x a step's worth of scalar expf. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts: n*hi is exact */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* s[i] = e^(s[i] - mx) for i in [lo, hi); returns their sum */
+static float exp_shifted(float *s, long lo, long hi, float mx) {
+    long p = lo;
+    float sum = 0.0f;
+#if defined(VECTOR)
+    __m256 acc = _mm256_setzero_ps(), m = _mm256_set1_ps(mx);
+    for (; p + 8 <= hi; p += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + p), m));
+        _mm256_storeu_ps(s + p, e);
+        acc = _mm256_add_ps(acc, e);
     }
-    for (long p = lo; p <= pos; p++) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    for (int i = 0; i < 8; i++) sum += lanes[i];
+#endif
+    for (; p < hi; p++) {
         s[p] = expf(s[p] - mx);
         sum += s[p];
     }
+    return sum;
+}
+
+/* act[i] = silu(gate[i]) * up[i] for i in [lo, hi) */
+static void swiglu(const float *gate, const float *up, float *act, long lo, long hi) {
+    long i = lo;
+#if defined(VECTOR)
+    for (; i + 8 <= hi; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 sig = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+        _mm256_storeu_ps(act + i, _mm256_mul_ps(_mm256_div_ps(g, sig), _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < hi; i++) act[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+#if defined(VECTOR)
+/* lane i: the sum of a[i]'s eight lanes */
+static inline __m256 sum_lanes8(const __m256 *a) {
+    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3); /* lanes i, i + 4: halves of a[i] (a[4 + i]) */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+/* s[p] = scale * K[p] . q for positions p in [lo, hi); returns their maximum. Eight positions at
+ * a time where d is a multiple of 8: one sum per position down the row, the eight summed across
+ * together at the end, rather than four per position summed across on its own */
+static float scores(const wt *K, const float *q, float *s, long lo, long hi, long d, float scale) {
+    long p = lo;
+    float mx = -INFINITY;
+#if defined(VECTOR)
+    if (d % 8 == 0) {
+        __m256 sc = _mm256_set1_ps(scale), m = _mm256_set1_ps(-INFINITY);
+        for (; p + 8 <= hi; p += 8) {
+            if (p + 8 + AHEAD <= hi) { /* the rows AHEAD positions on, on their way while these are summed */
+                const char *f = (const char *)(K + (p + AHEAD) * d);
+                for (long b = 0; b < 8 * d * (long)sizeof(wt); b += 64) _mm_prefetch(f + b, _MM_HINT_T0);
+            }
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+            for (long j = 0; j < d; j += 8) {
+                __m256 qj = _mm256_loadu_ps(q + j);
+                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(LOAD8(K + (p + i) * d + j), qj, a[i]);
+            }
+            __m256 v = _mm256_mul_ps(sum_lanes8(a), sc);
+            _mm256_storeu_ps(s + p, v);
+            m = _mm256_max_ps(m, v);
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, m);
+        for (int i = 0; i < 8; i++) mx = lanes[i] > mx ? lanes[i] : mx;
+    }
+#endif
+    for (; p < hi; p++) {
+        s[p] = dot(K + p * d, q, d) * scale;
+        if (s[p] > mx) mx = s[p];
+    }
+    return mx;
+}
+
+/* softmax(q K^T / sqrt(d)) V over cached positions lo..pos, for one query head */
+static void attend(const float *q, const wt *K, const wt *V, float *s, float *out, long lo, long pos, long d) {
+    float mx = scores(K, q, s, lo, pos + 1, d, 1.0f / sqrtf((float)d));
+    float sum = exp_shifted(s, lo, pos + 1, mx);
     weighted_rows(V, s, out, lo, pos, d, 1.0f / sum);
 }
 
@@ -457,10 +556,8 @@ void plexus_mlp(const Layer *L, const Scratch *S, float *x, float *out, int befo
         matvec_part(L->gate_up_weight, NULL, S->normed, S->gate_up, 2 * m, L->hidden);
 #pragma omp barrier
 #pragma omp for
-        for (long i = 0; i < m; i++) {
-            float gate = S->gate_up[i];
-            act[i] = gate / (1.0f + expf(-gate)) * S->gate_up[m + i];
-        }
+        for (long c = 0; c < (m + 63) / 64; c++) /* 64 at a time: whole vectors but the last */
+            swiglu(S->gate_up, S->gate_up + m, act, c * 64, (c + 1) * 64 < m ? (c + 1) * 64 : m);
         if (g) {
 #pragma omp single nowait
             publish(g);
