@@ -217,7 +217,7 @@ def test_kernel_and_take_rows_ab_scripts_run():
     assert re.fullmatch(r"step: working tree [\d.]+ ms, HEAD [\d.]+ ms; working tree speed / HEAD: median [\d.]+ "
                         r"\(rounds [\d.]+-[\d.]+\), \d+ threads, 2 rounds, float32", r.stdout.strip()), r.stdout
     r = run(python_cmd(REPO_ROOT / "benchmarks" / "kernel_ab.py", "--rev", "torch", "--dtype", "bfloat16", "--model",
-                       STORIES_DIR, "--rounds", "2", "--steps", "4"), timeout=120)
+                       STORIES_DIR, "--rounds", "2", "--steps", "4", "--prompt-tokens", "40"), timeout=120)
     assert r.rc == 0 and not r.timed_out, r.describe()
     assert re.fullmatch(r"step: working tree [\d.]+ ms, torch [\d.]+ ms; working tree speed / torch: median [\d.]+ "
                         r"\(rounds [\d.]+-[\d.]+\), \d+ threads, 2 rounds, bfloat16", r.stdout.strip()), r.stdout
