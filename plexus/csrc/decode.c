@@ -209,7 +209,15 @@ static int group_allreduce(Group *g, float *out) {
 #else
 #define LOAD8(p) _mm256_loadu_ps(p)
 #endif
+
+/* the sum of a's eight lanes */
+static inline float sum8(__m256 a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
 #endif
+
 static inline float dot(const wt *w, const float *x, long k) {
     long j = 0;
     float s = 0.0f;
@@ -222,10 +230,7 @@ static inline float dot(const wt *w, const float *x, long k) {
         a3 = _mm256_fmadd_ps(LOAD8(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
     }
     for (; j + 8 <= k; j += 8) a0 = _mm256_fmadd_ps(LOAD8(w + j), _mm256_loadu_ps(x + j), a0);
-    __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    s = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #else
     float acc[8] = {0}; /* eight independent sums the compiler can keep in one vector */
     for (; j + 8 <= k; j += 8)
@@ -392,9 +397,7 @@ static float exp_shifted(float *s, long lo, long hi, float mx) {
         _mm256_storeu_ps(s + p, e);
         acc = _mm256_add_ps(acc, e);
     }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, acc);
-    for (int i = 0; i < 8; i++) sum += lanes[i];
+    sum = sum8(acc);
 #endif
     for (; p < hi; p++) {
         s[p] = expf(s[p] - mx);
