@@ -345,7 +345,8 @@ static void weighted_rows(const wt *V, const float *w, float *out, long lo, long
             __m256 wp = _mm256_set1_ps(w[p]);
             const wt *v = V + p * d + j;
             if (p + AHEAD <= pos)
-                for (long b = 0; b < 64 * (long)sizeof(wt); b += 64) _mm_prefetch((const char *)(v + AHEAD * d) + b, _MM_HINT_T0);
+                for (long b = 0; b < 64 * (long)sizeof(wt); b += 64)
+                    _mm_prefetch((const char *)(v + AHEAD * d) + b, _MM_HINT_T0);
             for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(wp, LOAD8(v + 8 * i), a[i]);
         }
         for (int i = 0; i < 8; i++) _mm256_storeu_ps(out + j + 8 * i, _mm256_mul_ps(a[i], sc));
