@@ -4,9 +4,11 @@
 #
 #   launch/quickstart.sh ["prompt"]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source launch/setup.sh
 prompt="${1:-The GPU in the small lab}"
+cd "$(dirname "$0")/.."
+source launch/setup.sh ""   # no extras (and not this script's arguments)
 args=(generate --prompt "$prompt" --max-tokens 48 --temperature 0.8 --top-k 40 --seed 7)
-echo "quickstart: mpirun -n 2 plexus ${args[*]}" >&2
-mpirun -n 2 --bind-to none plexus "${args[@]}"
+mpi=(-n 2 --bind-to none)
+(($(nproc) < 2)) && mpi+=(--oversubscribe)   # two ranks on a one-core machine
+echo "quickstart: mpirun ${mpi[*]} plexus ${args[*]}" >&2
+mpirun "${mpi[@]}" plexus "${args[@]}"

@@ -294,7 +294,10 @@ class SoloProcess:
     def __init__(self):
         env = solo_environment()
         self.log = tempfile.TemporaryFile(mode="w+")
-        code = ("import os\ntry:\n    os.sched_setaffinity(0, range(os.cpu_count()))\n"
+        # the current directory first on sys.path could shadow the package (a plexus/ folder
+        # there is a namespace package): the child leaves it out before importing anything
+        code = ("import sys\nsys.path[:] = [p for p in sys.path if p]\nimport os\n"
+                "try:\n    os.sched_setaffinity(0, range(os.cpu_count()))\n"
                 "except (AttributeError, OSError):\n    pass\nfrom plexus.bench import solo_main\nsolo_main()")
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, env=env, text=True)

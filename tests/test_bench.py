@@ -102,12 +102,23 @@ def check_one_rank(r: dict) -> None:
     assert 0 < lo <= r["decode_vs_one_rank"] <= hi
 
 
+def shadowing_directory(tmp_path: Path) -> Path:
+    """A working directory with a plexus/ folder in it (a user beside their clone): a child
+    interpreter that put the current directory first on sys.path would import that folder as a
+    namespace package instead of the installed Plexus."""
+    (tmp_path / "plexus").mkdir()
+    return tmp_path
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_bench_json_under_mpirun(demo_tiny, world_size):
+def test_bench_json_under_mpirun(demo_tiny, world_size, tmp_path):
+    """Also: both baselines (child interpreters) start from a directory that holds a plexus/
+    folder, with Plexus found through the install alone (no PYTHONPATH)."""
     extra = ["--vs-one-rank"] if world_size > 1 else []
     result = run_mpi(world_size, plexus_cmd("bench", "--model", demo_tiny, *FAST, "--baseline", "transformers",
-                                            *extra, "--json"), timeout=200)
+                                            *extra, "--json"), timeout=200,
+                     cwd=shadowing_directory(tmp_path), env={"PYTHONPATH": ""})
     r = bench_report(result)
     check_report(r, world_size, demo_tiny, baseline=True)
     if extra:

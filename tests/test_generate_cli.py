@@ -82,6 +82,18 @@ def test_python_dash_m_plexus_with_output_file(stories_dir, tmp_path):
     assert rec["token_ids"] == ONCE_CONTINUATION[:6]
 
 
+def test_python_dash_m_plexus_beside_a_plexus_folder(demo_tiny, tmp_path):
+    """``python -m plexus`` from a directory holding a plexus/ folder (the clone, say), with
+    Plexus found through the install alone: the folder must not stand in for the package."""
+    (tmp_path / "plexus").mkdir()
+    r = run(python_cmd("-m", "plexus", "generate", "--model", demo_tiny, "--prompt", "Hi", "--max-tokens", "3",
+                       "--json"), timeout=90, cwd=tmp_path, env={"PYTHONPATH": ""})
+    assert r.rc == 0, r.describe()
+    (rec,) = r.json_lines()
+    check_record(rec)
+    assert len(rec["token_ids"]) <= 3
+
+
 def test_prompts_file_with_prompt_and_messages_lines(demo_tiny, tmp_path):
     from transformers import AutoTokenizer
 
