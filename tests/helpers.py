@@ -32,8 +32,11 @@ from typing import Sequence
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = REPO_ROOT / "tests"
 MPI_SCRIPTS = TESTS_DIR / "mpi_scripts"
-# the real tiny trained Llama shared by the project (read-only, never copied into the repo)
-STORIES_DIR = (REPO_ROOT.parent / "shared" / "models" / "stories260K").resolve()
+# the project's shared test data beside the checkout (read-only, never copied into the repo);
+# PLEXUS_TEST_SHARED points elsewhere (tests/test_harness.py runs the suite's fixtures without it)
+SHARED_DIR = Path(os.environ.get("PLEXUS_TEST_SHARED") or REPO_ROOT.parent / "shared").resolve()
+# the real tiny trained Llama
+STORIES_DIR = SHARED_DIR / "models" / "stories260K"
 
 # variables a surrounding MPI job puts in the environment; a child mpirun must not inherit them,
 # or it would try to join that job instead of starting its own

@@ -221,7 +221,7 @@ def test_kernel_and_take_rows_ab_scripts_run():
     if kernels.library() is None or shutil.which("git") is None:
         pytest.skip("needs the fused kernel (Linux x86-64 with a C compiler) and git")
     if not (STORIES_DIR / "model.safetensors").is_file():
-        pytest.skip("../shared/models/stories260K is not available")
+        pytest.skip(f"stories260K not found at {STORIES_DIR}")
     r = run(python_cmd(REPO_ROOT / "benchmarks" / "kernel_ab.py", "--rev", "HEAD", "--model", STORIES_DIR,
                        "--rounds", "2", "--steps", "4"), timeout=120)
     assert r.rc == 0 and not r.timed_out, r.describe()

@@ -32,3 +32,30 @@ def test_any_other_failure_is_not_run_again(tmp_path):
     r = run(_counting_cmd(tmp_path, 1, "plexus: error: something the test should see\n"))
     assert r.rc == 1 and "plexus: error" in r.stderr
     assert (tmp_path / "runs").read_text() == "1"
+
+
+def test_the_suite_sets_up_without_the_shared_models(tmp_path):
+    """A clone without ../shared beside it: every fixture of the test files that use the shared
+    models sets up (or skips with a reason) instead of erroring. ``--setup-only`` runs the
+    fixtures and not the tests; PLEXUS_TEST_SHARED points at an empty directory."""
+    from tests.helpers import REPO_ROOT, TESTS_DIR
+
+    users = sorted(str(p) for p in TESTS_DIR.glob("test_*.py")
+                   if p.name != "test_harness.py" and any(w in p.read_text() for w in ("STORIES", "stories_dir")))
+    assert len(users) >= 4, users
+    r = run([sys.executable, "-m", "pytest", "--setup-only", "-q", "-p", "no:cacheprovider", "-rs", *users],
+            timeout=120, cwd=REPO_ROOT, env={"PLEXUS_TEST_SHARED": str(tmp_path)})
+    assert r.rc == 0 and " error" not in r.stdout, r.describe()
+    skips = [line for line in r.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skips and all(str(tmp_path) in line for line in skips), r.describe()  # each says where it looked
+
+
+def test_only_helpers_knows_where_the_shared_models_are():
+    """Tests find ../shared through tests/helpers.py (SHARED_DIR, STORIES_DIR), so that one
+    setting moves it and one skip reason names it."""
+    from tests.helpers import TESTS_DIR
+
+    quoted = ('"shared"', "'shared'")
+    for p in sorted(TESTS_DIR.rglob("*.py")):
+        if p.name not in ("helpers.py", "test_harness.py"):
+            assert not any(q in p.read_text() for q in quoted), f"{p} builds the shared path itself"

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import STORIES_DIR as STORIES
+
 REPO = Path(__file__).resolve().parents[1]
-STORIES = (REPO.parent / "shared" / "models" / "stories260K").resolve()
 SCRIPT = REPO / "tests" / "pooling_logits.py"
 PROMPT = "Once upon a time"
 STORIES_IDS = [1, 403, 407, 261, 378]  # PROMPT in stories260K's tokenizer (its README)
@@ -28,7 +29,7 @@ SYNTH_IDS = [1, 17, 300, 4, 99, 250]
 TIMEOUT = 180
 
 needs_stories = pytest.mark.skipif(not (STORIES / "model.safetensors").is_file(),
-                                   reason="../shared/models/stories260K is not available")
+                                   reason=f"stories260K not found at {STORIES}")
 
 
 def _env() -> dict:
@@ -67,25 +68,27 @@ def max_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b))
 
 
-def make_llama(out: Path, seed: int = 0, tokenizer: bool = False, **kw) -> Path:
-    """A random-weight Llama written by transformers (float32)."""
+def make_llama(out: Path, seed: int = 0, tokenizer_from: Path | None = None, **kw) -> Path:
+    """A random-weight Llama written by transformers (float32), with the tokenizer files of
+    ``tokenizer_from`` (so `plexus generate` can run it)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(dtype="float32", **kw))
     model.save_pretrained(out)
-    if tokenizer:  # stories260K's tokenizer files (not its model), so `plexus generate` can run
+    if tokenizer_from is not None:
         for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(STORIES / name, out / name)
+            shutil.copy(tokenizer_from / name, out / name)
     return out
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
+def synthetic(tmp_path_factory, demo_tiny) -> Path:
     # 8 query heads on 2 KV heads: at world size 3 the KV heads must be copied (the plan says so);
-    # MLP 256 = 4 blocks of 64, so 3:1 and 2:1:1 land on block boundaries
-    return make_llama(tmp_path_factory.mktemp("pool") / "synthetic", seed=1, tokenizer=True, hidden_size=64,
+    # MLP 256 = 4 blocks of 64, so 3:1 and 2:1:1 land on block boundaries. The demo model's
+    # tokenizer (512 ids at most, like this vocabulary)
+    return make_llama(tmp_path_factory.mktemp("pool") / "synthetic", seed=1, tokenizer_from=demo_tiny, hidden_size=64,
                       intermediate_size=256,
                       num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, vocab_size=512,
                       max_position_embeddings=128, initializer_range=0.1)
@@ -169,10 +172,10 @@ def test_split_errors_stop_every_rank(synthetic):
 # ---- budgets ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def budget_model(tmp_path_factory) -> Path:
+def budget_model(tmp_path_factory, demo_tiny) -> Path:
     # ~98 MB: large next to the load's fixed costs, small tensors (<= 2.4 MB) so the one
     # transient slice a load holds is small next to the budgets' headroom
-    return make_llama(tmp_path_factory.mktemp("pool") / "budget", seed=2, tokenizer=True, hidden_size=384,
+    return make_llama(tmp_path_factory.mktemp("pool") / "budget", seed=2, tokenizer_from=demo_tiny, hidden_size=384,
                       intermediate_size=1536, num_hidden_layers=10, num_attention_heads=6, num_key_value_heads=6,
                       vocab_size=1024, max_position_embeddings=256)
 
