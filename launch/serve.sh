@@ -16,6 +16,13 @@
 #   PLEXUS_PROGRESS     1/0: force the load progress bar on/off (default: on when
 #                       this script's stderr is a terminal)
 #
+# Stopping: SIGTERM or SIGINT (Ctrl-C) to this script drains the server: it passes them on to
+# mpirun as SIGUSR1, which mpirun forwards to every rank; rank 0 stops accepting, finishes
+# in-flight requests (up to --drain-timeout), tells the other ranks to stop, and every rank and
+# this script exit 0. A second signal stops at once. (SIGTERM to mpirun itself cannot drain:
+# Open MPI kills the ranks within half a second.) mpirun runs in a process group of its own, so
+# a terminal's Ctrl-C reaches this script only.
+#
 # This file is also sourced by launch/batch.sh for plexus_mpirun().
 set -euo pipefail
 
@@ -76,7 +83,23 @@ plexus_mpirun() {
   cmd+=(${PLEXUS_MPIRUN_ARGS:-} "${plexus[@]}" "$sub" "$@")
 
   if ((dry)); then printf '%q ' "${cmd[@]}"; echo; return 0; fi
-  exec "${cmd[@]}"
+  [[ "$sub" == serve ]] || exec "${cmd[@]}"
+
+  # serve: keep mpirun out of the terminal's process group and turn our SIGTERM/SIGINT into a
+  # SIGUSR1 for it (forwarded to every rank: rank 0 drains, the others wait for rank 0)
+  set -m
+  (exec "${cmd[@]}" < /dev/null) &   # $! is mpirun itself
+  local pid=$! rc
+  set +m
+  trap 'kill -USR1 "$pid" 2> /dev/null' TERM INT HUP
+  while :; do
+    rc=0
+    wait "$pid" || rc=$?
+    ((rc > 128)) && kill -0 "$pid" 2> /dev/null && continue   # a trapped signal ended the wait
+    break
+  done
+  trap - TERM INT HUP
+  return "$rc"
 }
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then

@@ -61,7 +61,8 @@ class _Scratch(ctypes.Structure):  # struct Scratch in decode.c
 class _Group(ctypes.Structure):  # struct Group in decode.c
     _fields_ = [("base", ctypes.c_void_p)] + [(n, ctypes.c_long) for n in ("ranks", "rank", "n", "stride", "seq")] + [
         ("timeout_s", ctypes.c_double), ("failed", ctypes.c_int), ("logits", ctypes.c_void_p), ("vocab", ctypes.c_long),
-        ("lines", ctypes.c_void_p), ("act", ctypes.c_void_p), ("act_stride", ctypes.c_long), ("taken", ctypes.c_long)]
+        ("lines", ctypes.c_void_p), ("act", ctypes.c_void_p), ("act_stride", ctypes.c_long), ("taken", ctypes.c_long),
+        ("leave_own_tail", ctypes.c_int)]
 
 
 LINE = 64  # bytes per flag in the node group's segment (one cache line)

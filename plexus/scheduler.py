@@ -144,6 +144,11 @@ class Scheduler:
             self._jobs.add(job)
         self._queue.put(job)
 
+    def in_flight(self) -> int:
+        """Requests submitted and not yet answered (running or queued)."""
+        with self._lock:
+            return len(self._jobs)
+
     def queue_depth(self) -> int:
         with self._lock:
             return len(self._jobs) - (self._running is not None)

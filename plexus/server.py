@@ -325,7 +325,8 @@ class _Closing:
 @click.option("--http-threads", type=click.IntRange(min=8), default=64, show_default=True,
               help="HTTP worker threads; each waiting request holds one (4 stay free for /health).")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="On SIGTERM/SIGINT, seconds to finish in-flight requests before cancelling them.")
+              help="On a drain (SIGTERM/SIGINT to rank 0 or launch/serve.sh, SIGUSR1 to mpirun), seconds "
+                   "to finish in-flight requests before cancelling them.")
 @click.option("--stall-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Declare the mesh dead when a step makes no progress this long (0: never).")
 def serve(model, dtype, device, threads, max_context, split, max_memory, verbose, host, port, api_key,

@@ -8,8 +8,10 @@ tells them when to go, so a forwarded signal cannot kill one in the middle of a 
 
 Endings (details and the reasons in docs/api.md):
 
-- SIGTERM/SIGINT to rank 0: stop accepting, finish in-flight requests for up to
-  ``--drain-timeout`` seconds, release the workers; every rank exits 0.
+- SIGTERM/SIGINT to rank 0, or SIGUSR1 to any launcher (mpirun and srun forward it to every
+  rank; launch/serve.sh and slurm/serve.sbatch turn their own SIGTERM/SIGINT into it): stop
+  accepting, finish in-flight requests for up to ``--drain-timeout`` seconds, release the
+  workers; every rank exits 0. A second signal stops at once.
 - SIGTERM/SIGINT to ``mpirun`` (Open MPI 5): PRRTE sends every rank SIGCONT, then SIGTERM
   0.25 s later, then SIGKILL 0.25 s after that; nothing configures those delays, and each wait
   ends early when one of its children exits. So a SIGCONT to a rank that was not stopped (or a
@@ -56,9 +58,13 @@ class ServeOptions:
     stall_timeout: float
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 class Signals:
-    """Records SIGTERM/SIGINT and SIGCONT (PRRTE's warning shot) in the main thread; rank 0
-    sets ``callback(signum, launcher)`` once it can act on them.
+    """Records the stop signals (STOP_SIGNALS) and SIGCONT (PRRTE's warning shot) in the main
+    thread; rank 0 sets ``callback(signum, launcher)`` once it can act on them. The other ranks
+    never do: they only follow rank 0.
 
     A SIGCONT also ends a real stop (ctrl-Z, then fg); that one must not stop the server. A
     thread ticks every 0.1 s: a long gap in its ticks during which the whole process used no
@@ -111,7 +117,7 @@ class Signals:
 def install_signal_handlers() -> Signals:
     s = Signals()
     signal.signal(signal.SIGCONT, s.on_cont)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, s.on_stop)
     return s
 
@@ -154,7 +160,7 @@ def run_serve(rt, opts: ServeOptions, signals: Signals) -> int:
         return _worker_main(engine, log)
     scheduler.start(engine, tokenizer)
     log.info(f"ready: {name} loaded on {comm.size} rank(s) in {time.monotonic() - t0:.1f} s; "
-             f"SIGTERM rank 0 (pid {os.getpid()}) to drain and stop")
+             f"SIGTERM rank 0 (pid {os.getpid()}) or SIGUSR1 the launcher to drain and stop")
     return _rank0_main(scheduler, http, comm, log, opts)
 
 
@@ -163,14 +169,17 @@ def _on_signal(scheduler, http, opts, log, signum, launcher) -> None:
 
     if scheduler.stop_now:
         return  # PRRTE's SIGTERM after its SIGCONT: already on the way out
-    name = signal.Signals(signum).name
+    name = signal.Signals(signum).name + (" (a stop request)" if signum == signal.SIGUSR1 else "")
     now = launcher or scheduler.state == STOPPING  # a second signal: do not wait any longer
+    in_flight = scheduler.in_flight()
     scheduler.stop(now=now, drain_timeout=opts.drain_timeout)  # first: the 503s go out at once
     http.stop_accepting()
     if now:
-        log.info(f"{name}: {'the launcher is ending the job' if launcher else 'again'}; stopping now")
+        log.info(f"{name}: {'the launcher is ending the job' if launcher else 'again'}; stopping now"
+                 + (f" (503 to {in_flight} in-flight request(s))" if in_flight else ""))
     else:
-        log.info(f"{name}: no new requests; finishing in-flight ones (up to {opts.drain_timeout:g} s)")
+        log.info(f"{name}: stopping: no new requests; finishing {in_flight} in-flight request(s) "
+                 f"(up to {opts.drain_timeout:g} s), then every rank exits")
 
 
 def _rank0_main(scheduler, http, comm, log, opts) -> int:

@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ import openai
 import psutil
 import pytest
 
-from tests.helpers import assert_clean_error, make_hf_checkpoint, mpi_env, mpirun_cmd, plexus_cmd, run_mpi
+from tests.helpers import REPO_ROOT, assert_clean_error, make_hf_checkpoint, mpi_env, mpirun_cmd, plexus_cmd, run_mpi
 from tests.test_server import BAD_REQUESTS, assert_error_shape, materialize, request_headers
 
 KEY = "sk-plexus-env"
@@ -38,11 +39,13 @@ CHATS = [[{"role": "user", "content": "Hello"}],
 
 class Serve:
     """``mpirun -n 2 plexus serve --port 0 -v ...`` in its own process group; its merged output
-    is collected by a thread, the port read from the startup line."""
+    is collected by a thread, the port read from the startup line. ``launcher``: a command that
+    takes the serve options instead (e.g. launch/serve.sh ... --)."""
 
-    def __init__(self, model_dir, *args, mpirun_args=(), wrap=(), env=None):
-        cmd = mpirun_cmd(2, *mpirun_args, *wrap, *plexus_cmd("serve", "--model", model_dir, "--port", "0", "-v",
-                                                             *args))
+    def __init__(self, model_dir, *args, mpirun_args=(), wrap=(), env=None, launcher=None):
+        serve_args = ("--model", model_dir, "--port", "0", "-v", *args)
+        cmd = ([*map(str, launcher), *map(str, serve_args)] if launcher else
+               mpirun_cmd(2, *mpirun_args, *wrap, *plexus_cmd("serve", *serve_args)))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=mpi_env(env), start_new_session=True)
         self.lines: list[str] = []
@@ -85,9 +88,20 @@ class Serve:
         return self.proc.wait(timeout)
 
     def kill(self):
+        """Kill the launcher and everything under it (a launcher may start mpirun in a process
+        group of its own)."""
+        try:
+            tree = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            tree = []
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        self.proc.wait(10)
 
 
 def call(port, method, path, body=None, headers=None, timeout=30):
@@ -349,6 +363,39 @@ def test_sigterm_to_rank0_drains_then_every_rank_exits_0(demo_tiny):
         assert kind == "ok", out
         assert chunks[-1].usage.completion_tokens == 100  # the in-flight request was finished, not cut
         assert rc == 0 and took < 10, s.output
+        assert len(re.findall(r"plexus(\[rank 1\])?: exiting \(status 0\)", s.output)) == 2, s.output
+    finally:
+        s.kill()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_serve_sh_drains_a_stream_then_exits_0(slow_model, sig):
+    """launch/serve.sh passes SIGTERM/SIGINT on to mpirun as SIGUSR1 (forwarded to every rank):
+    rank 0 finishes the stream in flight (a drain timeout long enough for a loaded machine),
+    logs one line, releases the other rank, and the script, mpirun and every rank exit 0."""
+    s = Serve(slow_model, "--drain-timeout", "90", launcher=["bash", REPO_ROOT / "launch/serve.sh", "-n", "2", "--"],
+              env={"PLEXUS_VENV": sys.prefix, "PYTHONPATH": ""})
+    try:
+        s.wait_ready()
+        out = {}
+        t = threading.Thread(target=_long_request, args=(s.port, out, "stream"),
+                             kwargs=dict(stream=True, max_tokens=200))
+        t.start()
+        end = time.monotonic() + 60
+        while metric(s.port, "plexus_requests_running") < 1:  # the stream is being generated
+            assert time.monotonic() < end, s.output
+            time.sleep(0.02)
+        s.proc.send_signal(sig)
+        s.proc.send_signal(signal.SIGCONT)  # as systemd sends right after its KillSignal
+        t.join(100)
+        rc = s.wait(30)
+        kind, chunks = out["stream"][:2]
+        assert kind == "ok", out
+        assert chunks[-1].usage.completion_tokens == 200  # finished, not cut
+        assert rc == 0, s.output
+        stops = [line for line in s.lines if "stopping: no new requests; finishing 1 in-flight request" in line]
+        assert len(stops) == 1, s.output
         assert len(re.findall(r"plexus(\[rank 1\])?: exiting \(status 0\)", s.output)) == 2, s.output
     finally:
         s.kill()

@@ -166,7 +166,11 @@ def _free_port() -> int:
 @pytest.mark.slurm
 @root_or_ci
 @pytest.mark.timeout(240)
-def test_serve_job(cluster, job_inputs, tmp_path):
+@pytest.mark.parametrize("stop", ["drain", "scancel"])
+def test_serve_job(cluster, job_inputs, tmp_path, stop):
+    """drain: SIGTERM to the batch shell (what ``#SBATCH --signal=B:TERM@120`` sends before the
+    time limit; ``scancel --batch --signal=TERM`` here) reaches rank 0 as SIGUSR1 through srun,
+    and the job COMPLETES with exit 0; scancel: the job is CANCELLED at once, just as cleanly."""
     try:
         import plexus.server  # noqa: F401
     except ImportError as e:
@@ -205,9 +209,16 @@ def test_serve_job(cluster, job_inputs, tmp_path):
         assert status == 200, body
         assert body["choices"][0]["text"] == ref["text"], (body, ref)
         assert "2 rank(s)" in cluster.job_output(job)
+        if stop == "drain":
+            cluster.run(["scancel", "--batch", "--signal=TERM", str(job)])
+            assert cluster.wait(job, timeout=60) == "COMPLETED", cluster.job_output(job)
+            assert cluster.job_info(job).get("ExitCode") == "0:0", cluster.job_info(job)
+            log = cluster.job_output(job)
+            assert log.count("SIGUSR1 (a stop request): stopping: no new requests") == 1, log
     finally:
         cluster.scancel(job)
-    assert cluster.wait(job, timeout=60) == "CANCELLED"
+    if stop == "scancel":
+        assert cluster.wait(job, timeout=60) == "CANCELLED"
     # a clean end: the endpoint is gone and no step of the job is left
     host, port = endpoint.rsplit(":", 1)
     deadline = time.time() + 30

@@ -122,6 +122,8 @@ typedef struct {
     float *act;                  /* per rank: act_stride floats */
     long act_stride;
     long taken;                  /* blocks of ROWS this rank has taken from the next (a count to show) */
+    int leave_own_tail;          /* 1: leave this rank's own last rows to the previous rank (tests use it
+                                  * to take rows whatever the ranks' speeds) */
 } Group;
 
 #define LINE 64
@@ -285,7 +287,8 @@ static void matvec_shared(Group *g, const wt *W, const float *x, float *y, long 
                           const wt *tail, const float *tail_x, float *tail_y, long tail_rows, long tail_cols) {
     long next = (g->rank + 1) % g->ranks;
     matvec_part(W, NULL, x, y, n - own_tail, k);
-    if (own_tail) matvec_claimed(claim_line(g, g->rank), W + (n - own_tail) * k, x, y + n - own_tail, own_tail, k);
+    if (own_tail && !g->leave_own_tail)
+        matvec_claimed(claim_line(g, g->rank), W + (n - own_tail) * k, x, y + n - own_tail, own_tail, k);
     if (!tail_rows) return;
 #pragma omp single
     wait_for(g, next, ready_line(g, next), g->seq + 1); /* its input and claim counter are set */

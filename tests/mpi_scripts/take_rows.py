@@ -4,8 +4,14 @@ plexus/csrc/decode.c) and once with a decoder that takes none (one made without 
 
     mpirun -n 2 python tests/mpi_scripts/take_rows.py MODEL_DIR OUT.json [DTYPE]
 
-OUT.json (rank 0): {"taking": [[logits of each step], ...], "not_taking": [...], "tokens": [...],
-"taken": [blocks taken per rank, taking], "taken_off": [the same, not taking], "group": bool,
+Which rows the light rank gets to take depends on the ranks' speeds (on a loaded machine, none),
+so a third decoder leaves every rank's own last rows to the previous rank (Group.leave_own_tail):
+there every tail row is computed by the rank that holds the copy, whatever the timing.
+
+OUT.json (rank 0): {"taking": [[logits of each step], ...], "not_taking": [...], "left": [...],
+"tokens": [...], "taken": [blocks taken per rank, taking], "taken_off": [the same, not taking],
+"taken_left": [the same, leaving], "blocks_per_step": [tail blocks each rank takes a step, leaving],
+"group": bool,
 "tail_rows": {"engine" | "no_room" | "off": [rows each rank's first layer may take]}}: "no_room" is a
 decoder given no memory to spare for the copies, "off" one made under PLEXUS_TAKE_ROWS=0.
 """
@@ -22,6 +28,7 @@ from plexus.engine import Engine
 from plexus.log import setup_logging
 
 STEPS = 40
+ROWS_PER_BLOCK = 8  # decode.c's ROWS: the unit ranks claim
 PROMPT = [1, 17, 300, 4, 99, 250]
 
 
@@ -49,9 +56,16 @@ def main(model_dir: str, out_path: str, dtype: str = "float32") -> None:
     model = engine.model
     taking = model.fused  # Engine.load has given it the rows to take
     not_taking = kernels.FusedDecoder.for_model(model)
+    leaving = kernels.FusedDecoder.for_model(model)
+    leaving.take_rows(model, spare_bytes=None)  # copies of the next rank's rows, then:
+    leaving.group.struct.leave_own_tail = 1  # (only sound where every rank holds such copies)
     with torch.inference_mode():
         a, tokens = decode(model, taking)
         b, _ = decode(model, not_taking)
+        c, _ = decode(model, leaving)
+    rows = ROWS_PER_BLOCK
+    per_step = (len(model.layers) * 2 * -(-leaving.layers[0].tail_rows // rows)
+                + -(-leaving.ends.tail_rows // rows))
     no_room = kernels.FusedDecoder.for_model(model)
     no_room.take_rows(model, spare_bytes=0)
     os.environ["PLEXUS_TAKE_ROWS"] = "0"
@@ -61,9 +75,11 @@ def main(model_dir: str, out_path: str, dtype: str = "float32") -> None:
                  (("engine", taking), ("no_room", no_room), ("off", off))}
     taken = comm.allgather_obj(taking.rows_taken)
     taken_off = comm.allgather_obj(not_taking.rows_taken)
+    taken_left, blocks_per_step = comm.allgather_obj(leaving.rows_taken), comm.allgather_obj(per_step)
     if comm.rank == 0:
         with open(out_path, "w") as f:
-            json.dump({"taking": a, "not_taking": b, "tokens": tokens, "taken": taken, "taken_off": taken_off,
+            json.dump({"taking": a, "not_taking": b, "left": c, "tokens": tokens, "taken": taken,
+                       "taken_off": taken_off, "taken_left": taken_left, "blocks_per_step": blocks_per_step,
                        "group": taking.group is not None, "tail_rows": tail_rows,
                        "dtype": str(taking.dtype)}, f)
 
