@@ -503,6 +503,18 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
         error = str(e)
     comm.agree(error)
     model_dir = resolve_bench_model(model, preset, comm, log.info if comm.rank == 0 else (lambda *_: None))
+    error = None
+    if comm.rank == 0:  # the prompt and new tokens fit the context: known before any weight is read
+        try:
+            from plexus.config import ModelConfig
+            from plexus.engine import check_request, context_length
+
+            config = ModelConfig.from_dir(model_dir)
+            check_request(prompt_token_ids(prompt_tokens, config.vocab_size), new_tokens,
+                          context_length(config, max_context), config.vocab_size)
+        except PlexusError as e:
+            error = str(e)
+    comm.agree(error)
 
     comm.barrier()
     t0 = time.perf_counter()
@@ -513,13 +525,6 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
     load_s = time.perf_counter() - t0
     engine.eos_token_ids = frozenset()  # exactly new_tokens steps: the bench never stops at EOS
     ids = prompt_token_ids(prompt_tokens, engine.config.vocab_size)
-    error = None
-    if comm.rank == 0:
-        try:
-            engine.check_request(ids, new_tokens)
-        except PlexusError as e:
-            error = str(e)
-    comm.agree(error)
 
     def phase(work):
         """Rank 0 runs ``work`` on the engine while the others follow, then releases them."""

@@ -6,6 +6,7 @@ Run under ``mpirun -n N plexus ...``; without mpirun a command runs as a world o
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,8 +104,36 @@ def read_requests(tokenizer, prompt: str | None, prompts_file: str | None, chat:
     return out
 
 
+def check_requests(requests: list[dict], max_tokens: int, config, max_context: int | None) -> None:
+    """Rank 0, before any weight is read: every prompt fits the context and the vocabulary."""
+    from plexus.engine import check_request, context_length
+
+    ctx = context_length(config, max_context)
+    for n, req in enumerate(requests, 1):
+        try:
+            check_request(req["ids"], max_tokens, ctx, config.vocab_size)
+        except PlexusError as e:
+            raise PlexusError(f"prompt {n}: {e}" if len(requests) > 1 else str(e)) from None
+
+
+def check_output_path(output: str | None) -> None:
+    """--output can be written (checked before loading; an existing file is left as it is until
+    the first result is ready)."""
+    if output is None:
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise PlexusError(f"--output {output} is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise PlexusError(f"--output {output}: directory {parent} does not exist")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise PlexusError(f"--output {output} is not writable")
+
+
 def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output,
                  split="memory", max_memory=None) -> int:
+    from plexus.config import ModelConfig
     from plexus.engine import Engine
     from plexus.runtime import load_progress, log_rank_table, resolve_model_dir
     from plexus.tokenizer import Tokenizer
@@ -113,9 +142,12 @@ def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_conte
     error, tokenizer, requests, model_dir = None, None, None, None
     try:
         model_dir = resolve_model_dir(model, comm)
-        if comm.rank == 0:
+        if comm.rank == 0:  # everything the config and tokenizer decide, before any weight
+            check_output_path(output)
+            config = ModelConfig.from_dir(model_dir)
             tokenizer = Tokenizer(model_dir)
             requests = read_requests(tokenizer, prompt, prompts_file, chat)
+            check_requests(requests, params.max_tokens, config, max_context)
     except PlexusError as e:
         error = str(e)
     comm.agree(error)
@@ -139,13 +171,8 @@ def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_conte
 
 
 def _run_requests(engine, tokenizer, requests, params, as_json, output) -> None:
-    """Rank 0: check every prompt first (fail before any work), then run them in order,
-    streaming plain text or writing one JSON line per prompt as soon as it is done."""
-    for n, req in enumerate(requests, 1):
-        try:
-            engine.check_request(req["ids"], params.max_tokens)
-        except PlexusError as e:
-            raise PlexusError(f"prompt {n}: {e}" if len(requests) > 1 else str(e)) from None
+    """Rank 0: run the prompts (checked before loading) in order, streaming plain text or
+    writing one JSON line per prompt as soon as it is done."""
     stream = not as_json and not output
     on_text = (lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream else None
     sink = open(output, "w") if output else sys.stdout

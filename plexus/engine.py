@@ -28,6 +28,34 @@ from plexus.sampling import Sampler, SamplingParams
 DEFAULT_MAX_CONTEXT = 4096  # caps the preallocated KV cache for long-context checkpoints
 
 
+def context_length(config: ModelConfig, max_context: int | None) -> int:
+    """The KV cache's length: ``max_context`` (--max-context), else the model's positions capped
+    at DEFAULT_MAX_CONTEXT. Known from config.json alone, so it is checked before any weight."""
+    positions = config.max_position_embeddings
+    ctx = max_context or min(positions, DEFAULT_MAX_CONTEXT)
+    if ctx < 1:
+        raise PlexusError(f"--max-context must be positive, got {ctx}")
+    if ctx > positions:
+        raise PlexusError(f"--max-context {ctx} is beyond this model's {positions} positions "
+                          "(max_position_embeddings in its config.json)")
+    return ctx
+
+
+def check_request(prompt_ids: list[int], max_tokens: int, max_context: int, vocab_size: int) -> None:
+    """A prompt's ids and max tokens against the context and the vocabulary (before any work:
+    rank 0 checks every prompt of a run before the weights load, and each again before it runs)."""
+    if not prompt_ids:
+        raise PlexusError("the prompt is empty (no tokens)")
+    if max_tokens < 1:
+        raise PlexusError(f"max tokens must be at least 1, got {max_tokens}")
+    if len(prompt_ids) + max_tokens > max_context:
+        raise PlexusError(f"prompt ({len(prompt_ids)} tokens) plus max tokens ({max_tokens}) exceeds the "
+                          f"context length of {max_context} tokens")
+    bad = [i for i in prompt_ids if not 0 <= i < vocab_size]
+    if bad:
+        raise PlexusError(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+
+
 @dataclass
 class Completion:
     prompt_token_ids: list[int]
@@ -64,9 +92,7 @@ class Engine:
         try:
             config = ModelConfig.from_dir(model_dir)
             torch_dtype = resolve_dtype(dtype, config)
-            ctx = max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-            if ctx < 1:
-                raise PlexusError(f"--max-context must be positive, got {ctx}")
+            ctx = context_length(config, max_context)
         except PlexusError as e:
             error = str(e)
         comm.agree(error)
@@ -84,16 +110,7 @@ class Engine:
     # ---- rank 0 ---------------------------------------------------------------------------
 
     def check_request(self, prompt_ids: list[int], max_tokens: int) -> None:
-        if not prompt_ids:
-            raise PlexusError("the prompt is empty (no tokens)")
-        if max_tokens < 1:
-            raise PlexusError(f"max tokens must be at least 1, got {max_tokens}")
-        if len(prompt_ids) + max_tokens > self.max_context:
-            raise PlexusError(f"prompt ({len(prompt_ids)} tokens) plus max tokens ({max_tokens}) exceeds the "
-                              f"context length of {self.max_context} tokens")
-        bad = [i for i in prompt_ids if not 0 <= i < self.config.vocab_size]
-        if bad:
-            raise PlexusError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+        check_request(prompt_ids, max_tokens, self.max_context, self.config.vocab_size)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:

@@ -55,6 +55,14 @@ def _edit_tensors(d: Path, edit) -> None:
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _no_weights(base: Path, dst: Path) -> Path:
+    """A copy whose weights file is garbage: any error that config.json, the tokenizer and the
+    flags decide must come first, before a weight is read (so it names that, not the file)."""
+    d = _copy(base, dst)
+    (d / "model.safetensors").write_bytes(b"not a safetensors file")
+    return d
+
+
 # each case: (tmp, demo model) -> (plexus generate arguments, substrings the error line must contain)
 def pickle_only(tmp, base):
     d = _copy(base, tmp / "pickle-only", skip=("model.safetensors",))
@@ -129,8 +137,8 @@ def config_missing_field(tmp, base):
 
 
 def cannot_split(tmp, base):
-    """One attention head cannot be shared by two ranks."""
-    d = _copy(base, tmp / "one-head")
+    """One attention head cannot be shared by two ranks (known before the weights are read)."""
+    d = _no_weights(base, tmp / "one-head")
     _edit_config(d, num_attention_heads=1, num_key_value_heads=1)
     return ["--model", d], ["1 attention head", "2 ranks"]
 
@@ -140,7 +148,25 @@ def missing_model_dir(tmp, base):
 
 
 def over_context(tmp, base):
-    return ["--model", base, "--max-tokens", "600"], ["600", "context length of 512"]
+    return ["--model", _no_weights(base, tmp / "over-context"), "--max-tokens", "600"], ["600", "context length of 512"]
+
+
+def prompt_over_context(tmp, base):
+    """The second prompt of a file alone is longer than the context: known before loading."""
+    f = tmp / "long-prompt.jsonl"
+    f.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": "word " * 600}) + "\n")
+    return (["--model", _no_weights(base, tmp / "long-prompt"), "--prompts-file", f, "--max-tokens", "4"],
+            ["prompt 2:", "exceeds the context length of 512"])
+
+
+def max_context_beyond_positions(tmp, base):
+    return (["--model", _no_weights(base, tmp / "beyond-positions"), "--max-context", "4096"],
+            ["--max-context 4096", "512 positions"])
+
+
+def output_directory_missing(tmp, base):
+    return (["--model", _no_weights(base, tmp / "no-out-dir"), "--output", tmp / "no-such-dir" / "out.jsonl"],
+            ["--output", "no-such-dir", "does not exist"])
 
 
 def malformed_prompts_line(tmp, base):
@@ -158,7 +184,8 @@ def unknown_dtype_in_config(tmp, base):
 CASES = {f.__name__: f for f in [
     pickle_only, index_to_pickle, missing_tensor, wrong_shape, truncated_file, truncated_header, missing_shard,
     unknown_architecture, invalid_config_json, config_missing_field, cannot_split, missing_model_dir,
-    over_context, malformed_prompts_line, unknown_dtype_in_config]}
+    over_context, prompt_over_context, max_context_beyond_positions, output_directory_missing,
+    malformed_prompts_line, unknown_dtype_in_config]}
 
 
 @pytest.fixture(scope="module")

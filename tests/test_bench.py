@@ -183,6 +183,17 @@ def test_bench_baseline_without_transformers_is_a_clear_error(demo_tiny, tmp_pat
 
 
 @pytest.mark.timeout(120)
+def test_bench_prompt_over_the_context_fails_before_loading(demo_tiny, copy_model, tmp_path):
+    """--prompt-tokens + --new-tokens past the context is decided by config.json alone: the
+    error comes before the (here unreadable) weights are touched."""
+    model = copy_model(demo_tiny, tmp_path / "no-weights")
+    (model / "model.safetensors").write_bytes(b"not a safetensors file")
+    result = run_mpi(2, plexus_cmd("bench", "--model", model, "--prompt-tokens", 500, "--new-tokens", 20),
+                     timeout=90)
+    assert_clean_error(result, "prompt (500 tokens) plus max tokens (20)", "context length of 512")
+
+
+@pytest.mark.timeout(120)
 def test_bench_model_and_preset_together_is_a_usage_error(demo_tiny):
     result = run(plexus_cmd("bench", "--model", demo_tiny, "--preset", "tiny", *FAST), timeout=90)
     assert_clean_error(result, "--model or --preset, not both")
