@@ -43,9 +43,45 @@ def common_engine_options(f):
     return config_option(f)  # --config: listed first in --help, read before the other options
 
 
+def report_usage_error(e: click.ClickException) -> None:
+    """A bad option or config file, before MPI is up: one ``plexus: error:`` line (the one a
+    user needs, first), from rank 0 alone when a launcher started several."""
+    from plexus.comm import launcher_rank
+
+    if launcher_rank() not in (None, 0):
+        return
+    if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # bare `plexus`: the help
+        e.show()
+        return
+    hint = ""
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click.UsageError) and ctx is not None:
+        hint = f" (see '{ctx.command_path} --help')"
+    message = " ".join(e.format_message().split())
+    click.echo(f"plexus: error: {message}{hint}", err=True)
+
+
 class LazyGroup(click.Group):
     """Commands that live in their own modules are imported only when used, so that
-    ``plexus generate`` does not pay for importing the HTTP server."""
+    ``plexus generate`` does not pay for importing the HTTP server. Usage errors are reported
+    by report_usage_error instead of click's three lines on every rank."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            if not standalone_mode:
+                raise
+            report_usage_error(e)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            if not standalone_mode:
+                raise
+            click.echo("plexus: aborted", err=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     lazy = {"serve": "plexus.server:serve", "plan": "plexus.planner:plan", "bench": "plexus.bench:bench"}
 

@@ -176,6 +176,15 @@ class Communicator:
             self.comm.Abort(code)
 
 
+def launcher_rank() -> int | None:
+    """This process's rank as the launcher set it in the environment (None if unknown): for
+    choosing who speaks before MPI is up, e.g. one usage error instead of one per rank."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
 def launcher_world_size() -> int:
     """The world size the launcher meant to start, from its environment (1 if unknown)."""
     for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):

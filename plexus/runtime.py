@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from plexus.comm import Communicator, check_world
+from plexus.comm import Communicator, check_world, launcher_rank
 from plexus.devices import allowed_cpus, cpu_threads, device_info, node_local_rank, select_device
 from plexus.errors import PlexusError
 from plexus.log import get_logger, setup_logging
@@ -184,8 +184,9 @@ def run_guarded(body: Callable[[], int | None], comm_getter: Callable[[], Commun
         code = body() or 0
     except PlexusError as e:
         comm = comm_getter()
-        if comm is None or comm.rank == 0 or not getattr(e, "collective", False):
-            prefix = "" if comm is None or comm.rank == 0 else f"[rank {comm.rank}] "
+        rank = comm.rank if comm is not None else (launcher_rank() or 0)  # (failed before start() returned)
+        if rank == 0 or not getattr(e, "collective", False):
+            prefix = "" if rank == 0 else f"[rank {rank}] "
             print(f"plexus: error: {prefix}{e}", file=sys.stderr, flush=True)
         code = 1
     except KeyboardInterrupt:

@@ -170,16 +170,19 @@ def run_mpi(n: int, args: Sequence[str], timeout: float = 120, env: dict | None 
 
 
 def assert_clean_error(result: Result, *needles: str, max_seconds: float = 60) -> str:
-    """Assert a run failed as a user error must: non-zero exit, well within the timeout, one
-    ``plexus: error: ...`` line on stderr that contains every needle (a file, a tensor name...),
-    and no Python traceback. Returns that line."""
+    """Assert a run failed as a user error must: non-zero exit, well within the timeout, exactly
+    one ``plexus: error: ...`` line on stderr (rank 0's), before anything Open MPI adds, that
+    contains every needle (a file, a tensor name...), and no Python traceback. Returns that line."""
     assert not result.timed_out, "hung:\n" + result.describe()
     assert result.rc != 0, "expected a non-zero exit:\n" + result.describe()
     assert result.elapsed < max_seconds, result.describe()
     assert "Traceback" not in result.stderr, result.describe()
     lines = [line for line in result.stderr.splitlines() if line.startswith("plexus: error:")]
     assert lines, "no 'plexus: error:' line:\n" + result.describe()
-    assert len(set(lines)) == 1, "expected one error line (printed by rank 0 only):\n" + result.describe()
+    assert len(lines) == 1, "expected one error line (printed by rank 0 only):\n" + result.describe()
+    first = next(line for line in result.stderr.splitlines() if line.strip())
+    assert first.startswith("plexus: error:") or not first.startswith("-----"), \
+        "Open MPI's report came before Plexus's line:\n" + result.describe()
     for needle in needles:
         assert needle in lines[0], f"{needle!r} missing from the error line {lines[0]!r}"
     return lines[0]

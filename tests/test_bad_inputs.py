@@ -218,9 +218,20 @@ def test_pickle_payload_would_have_run(tmp_path):
     assert marker.exists()
 
 
-def test_unknown_dtype_flag(demo_tiny):
-    r = run_mpi(WORLD_SIZE, plexus_cmd("generate", "--model", demo_tiny, "--prompt", "Hi", "--dtype", "float8"),
-                timeout=60)
-    assert not r.timed_out and r.rc != 0, r.describe()
-    assert "Traceback" not in r.stderr
-    assert "Invalid value for '--dtype'" in r.stderr and "float8" in r.stderr, r.describe()
+@pytest.mark.parametrize("args, needles", [
+    (["--dtype", "float8"], ["Invalid value for '--dtype'", "float8", "plexus generate --help"]),
+    (["--promt", "Hi"], ["No such option '--promt'", "--prompt"]),
+    (["--max-tokens", "many"], ["'--max-tokens'", "many"]),
+    (["--device", "bogus"], ["unknown device 'bogus'"]),
+    (["--device", "cuda:7"], ["cuda"]),
+], ids=["dtype", "unknown-option", "bad-number", "unknown-device", "missing-device"])
+def test_usage_errors_print_once(demo_tiny, args, needles):
+    """A bad flag or device under mpirun: one line from rank 0, first (click's usage block and
+    Open MPI's report are not repeated per rank), and exit status 2 for a usage error."""
+    if args[0] == "--device" and args[1].startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    r = run_mpi(WORLD_SIZE, plexus_cmd("generate", "--model", demo_tiny, "--prompt", "Hi", *args), timeout=60)
+    assert_clean_error(r, *needles)
+    assert "Usage:" not in r.stderr and "Error:" not in r.stderr, r.describe()
+    if args[0] != "--device":
+        assert r.rc == 2, r.describe()

@@ -149,7 +149,7 @@ def test_config_errors_name_the_file_and_key(generate_args, tmp_path, text, need
     result, seen = generate_args("--config", cfg, "--prompt", "x")
     assert result.exit_code == 2, result.output
     assert not seen, "the command ran despite a bad config file"
-    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    error = [line for line in result.output.splitlines() if line.startswith("plexus: error:")]
     assert len(error) == 1, result.output
     assert str(cfg) in error[0]
     for needle in needles:
