@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -438,24 +437,10 @@ def preset_dir(preset: str) -> Path:
 
 
 def ensure_preset_model(preset: str, log) -> Path:
-    """Write the preset's demo checkpoint once (into a temp dir renamed into place, so a crash
-    never leaves half a model) and reuse it afterwards."""
-    from plexus.demo import write_demo_model
+    """The preset's demo checkpoint, written once and reused afterwards."""
+    from plexus.demo import ensure_demo_model
 
-    target = preset_dir(preset)
-    if not (target / "config.json").is_file():
-        log(f"writing the {preset} demo model to {target} (once)")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            write_demo_model(tmp, preset)
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return ensure_demo_model(preset, preset_dir(preset), log)
 
 
 def resolve_bench_model(model: str | None, preset: str | None, comm, log) -> str:

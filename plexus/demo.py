@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
+from plexus.files import apply_umask
+
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
@@ -183,7 +185,30 @@ def write_demo_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0,
     })
     dump("generation_config.json",
          {"bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID, "do_sample": False})
+    for f in out.iterdir():
+        apply_umask(f)  # safetensors writes its files 0600
     return out
+
+
+def ensure_demo_model(preset: str, target: Path, log: Callable[[str], None] | None = None) -> Path:
+    """``target`` holding the ``preset`` demo model, written once (into a temp dir renamed into
+    place, so a crash never leaves half a model and ranks racing to create it are safe: the
+    loser discards its copy and uses the winner's)."""
+    if not (target / "config.json").is_file():
+        if log:
+            log(f"writing the {preset} demo model to {target} (once)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            write_demo_model(tmp, preset)
+            apply_umask(tmp)  # mkdtemp made it 0700
+            os.rename(tmp, target)  # atomic; fails if target already exists
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def default_model_dir() -> Path:
@@ -200,24 +225,8 @@ def print_to_stderr(msg: str) -> None:
 
 
 def ensure_default_model(log: Callable[[str], None] = print_to_stderr) -> Path:
-    """Return the cached tiny demo model, creating it on first use.
-
-    The model is written to a temp dir next to the target and renamed into place,
-    so a crash never leaves a half-written model and concurrent MPI ranks racing
-    to create it are safe: the loser discards its copy and uses the winner's.
-    """
-    target = default_model_dir()
-    if not (target / "config.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            write_demo_model(tmp, "tiny")
-            os.rename(tmp, target)  # atomic; fails if target already exists
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    """Return the cached tiny demo model, creating it on first use (ensure_demo_model)."""
+    target = ensure_demo_model("tiny", default_model_dir())
     log(f"using the embedded tiny demo model (random weights) at {target}")
     return target
 

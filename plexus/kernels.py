@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from plexus.errors import MeshBroken
+from plexus.files import apply_umask
 from plexus.log import get_logger
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
@@ -108,6 +109,7 @@ def build(compiler: str | None = None, dtype: torch.dtype = torch.float32) -> Pa
                            timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        apply_umask(tmp, executable=True)  # mkstemp made it 0600
         os.replace(tmp, out)
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"{cc}: {e}") from None

@@ -7,9 +7,6 @@ with an editable install of this checkout; elsewhere they skip.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
