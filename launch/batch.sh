@@ -4,6 +4,8 @@
 #   launch/batch.sh [-n N] [--hostfile FILE] [--dry-run] IN.jsonl OUT.jsonl [-- <plexus generate args>]
 #
 # runs  mpirun ... plexus generate --prompts-file IN.jsonl --output OUT.jsonl --json <args>
+# IN.jsonl: one {"prompt": "..."} or {"messages": [...]} per line; examples/prompts.jsonl is one:
+#   launch/batch.sh examples/prompts.jsonl out.jsonl -- --max-tokens 32
 # Options and environment (PLEXUS_VENV, PLEXUS_MPIRUN_ARGS, forwarded vars) as
 # in launch/serve.sh.
 set -euo pipefail

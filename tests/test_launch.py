@@ -7,6 +7,7 @@ with an editable install of this checkout; elsewhere they skip.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -62,3 +63,34 @@ def test_quickstart_with_a_prompt(tmp_path):
     assert "--prompt Hello there" in r.stderr and "2 rank(s)" in r.stderr, r.describe()
     assert not [line for line in r.stderr.splitlines() if any(n in line for n in PIP_NOISE)], r.describe()
     assert r.stdout.strip(), r.describe()  # the generated text
+
+
+def test_batch_sh_on_the_example_prompts(tmp_path, demo_tiny):
+    """launch/batch.sh on examples/prompts.jsonl, as its header shows: one record per line, in
+    order; chat lines rendered as transformers renders them; greedy tokens as transformers'."""
+    from transformers import AutoTokenizer
+
+    from tests.helpers import hf_reference
+
+    example = REPO_ROOT / "examples" / "prompts.jsonl"
+    lines = [json.loads(line) for line in example.read_text().splitlines() if line.strip()]
+    assert any("prompt" in rec for rec in lines) and any("messages" in rec for rec in lines)
+    out = tmp_path / "out.jsonl"
+    r = run(["bash", str(REPO_ROOT / "launch/batch.sh"), "--hostfile", str(REPO_ROOT / "hostfiles/localhost"),
+             str(example), str(out), "--", "--model", str(demo_tiny), "--max-tokens", "8"], timeout=150,
+            env=script_env(tmp_path), cwd=tmp_path)
+    assert r.rc == 0 and not r.timed_out, r.describe()
+    assert "2 rank(s)" in r.stderr, r.describe()
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(got) == len(lines)
+    hf = AutoTokenizer.from_pretrained(str(demo_tiny))
+    for rec, want in zip(got, lines):
+        if "messages" in want:
+            assert rec["messages"] == want["messages"]
+            assert rec["prompt"] == hf.apply_chat_template(want["messages"], tokenize=False, add_generation_prompt=True)
+        else:
+            assert rec["prompt"] == want["prompt"]
+        tokens = hf_reference(demo_tiny, rec["prompt_token_ids"], 8)["tokens"]
+        if 1 in tokens:  # the demo's EOS: Plexus stops there
+            tokens = tokens[:tokens.index(1) + 1]
+        assert rec["token_ids"] == tokens, rec
