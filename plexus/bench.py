@@ -678,7 +678,7 @@ def format_report(r: dict) -> str:
 
 
 @click.command()
-@common_engine_options
+@common_engine_options(model_default="the 'bench' demo preset, see --preset")
 @click.option("--preset", type=click.Choice(["tiny", "small", "bench"]), default=None,
               help="Bench a demo model (written once into the cache); the default without --model is 'bench' "
                    "(~250M parameters).")

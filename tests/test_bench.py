@@ -277,3 +277,15 @@ def test_table_pools_saved_reports(tmp_path):
     # runs median(12/10, 20/20)
     assert lines[2] == "| float32 | 1 x 2 | 0.80 | 2.00 | 1.50 | n/a | 1.00 | 1.0 MiB | 2.00 |"
     assert lines[3] == "| float32 | 2 x 1 | 0.70 | 2.00 | 1.50 | 0.90 | 1.10 | 1.0 MiB | 2.00 |"
+
+
+def test_bench_help_names_the_model_it_runs_by_default(monkeypatch, tmp_path):
+    """--model's help says what bench runs without it: the preset resolve_bench_model picks."""
+    from plexus import bench
+    from plexus.comm import Communicator
+
+    written = []
+    monkeypatch.setattr(bench, "ensure_preset_model", lambda preset, log: written.append(preset) or tmp_path)
+    bench.resolve_bench_model(None, None, Communicator.self_only(), print)
+    (help_text,) = [p.help for p in bench.bench.params if p.name == "model"]
+    assert written == ["bench"] and f"the '{written[0]}' demo preset" in help_text, help_text
