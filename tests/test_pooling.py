@@ -163,7 +163,7 @@ def test_generate_cli_splits_stories260k():
 
 @pytest.mark.timeout(120)
 def test_split_errors_stop_every_rank(synthetic):
-    res = plexus_generate(2, synthetic, "--prompt", PROMPT, "--split", "1,2,3")
+    res = plexus_generate(2, synthetic, "--prompt", PROMPT, "--max-tokens", "8", "--split", "1,2,3")
     assert res.returncode == 1
     errors = [ln for ln in res.stderr.splitlines() if "error" in ln]
     assert errors == ["plexus: error: --split gives 3 weights but there are 2 ranks"], res.stderr
