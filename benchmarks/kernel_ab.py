@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build_at(rev: str, out_dir: Path, dtype) -> Path:
-    from plexus import kernels
+    from plexus.models import kernels
 
     src = out_dir / "decode.c"
     src.write_bytes(subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:plexus/csrc/decode.c"],
@@ -52,11 +52,11 @@ def main() -> None:
 
     import torch
 
-    from plexus import kernels
-    from plexus.bench import ensure_preset_model
-    from plexus.comm import Communicator
-    from plexus.devices import cpu_threads
-    from plexus.engine import Engine
+    from plexus.models import kernels
+    from plexus.bench.runner import ensure_preset_model
+    from plexus.parallel.comm import Communicator
+    from plexus.parallel.devices import cpu_threads
+    from plexus.engine.engine import Engine
     from plexus.log import setup_logging
 
     log = setup_logging()

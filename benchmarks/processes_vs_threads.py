@@ -24,8 +24,8 @@ import time
 
 SOLO = r"""
 import json, sys, time, torch
-from plexus import kernels
-from plexus.layers import host_empty
+from plexus.models import kernels
+from plexus.models.layers import host_empty
 rows, k = int(sys.argv[1]), 1024
 torch.set_num_threads(int(sys.argv[2]))
 w = host_empty((rows, k), torch.float32); w.normal_()
@@ -49,9 +49,9 @@ def main() -> None:
     import torch
     from mpi4py import MPI
 
-    from plexus import kernels
-    from plexus.bench import solo_environment
-    from plexus.layers import host_empty
+    from plexus.models import kernels
+    from plexus.bench.runner import solo_environment
+    from plexus.models.layers import host_empty
 
     comm, k = MPI.COMM_WORLD, 1024
     rank, size = comm.Get_rank(), comm.Get_size()

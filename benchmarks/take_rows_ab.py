@@ -28,10 +28,10 @@ def main() -> None:
     import torch
     from mpi4py import MPI
 
-    from plexus import kernels
-    from plexus.bench import ensure_preset_model
-    from plexus.comm import Communicator
-    from plexus.engine import Engine
+    from plexus.models import kernels
+    from plexus.bench.runner import ensure_preset_model
+    from plexus.parallel.comm import Communicator
+    from plexus.engine.engine import Engine
     from plexus.log import setup_logging
 
     comm = Communicator()

@@ -10,7 +10,7 @@ if getattr(sys.modules.get("plexus"), "__file__", None) is None:
     for name in [m for m in sys.modules if m == "plexus" or m.startswith("plexus.") and m != __name__]:
         del sys.modules[name]
 
-from plexus.cli import main  # noqa: E402
+from plexus.commands.main import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

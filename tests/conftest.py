@@ -28,7 +28,7 @@ from tests import helpers  # noqa: E402
 @pytest.fixture(scope="session")
 def demo_tiny(tmp_path_factory) -> Path:
     """The tiny demo model (random-weight Llama with a real tokenizer), built once per session."""
-    from plexus.demo import write_demo_model
+    from plexus.checkpoint.demo import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("demo") / "tiny", preset="tiny")
 

@@ -35,11 +35,11 @@ def warm_up(model_dir: str) -> None:
     """Run the code paths of a load once on a tiny model (a few KiB of data)."""
     import torch
 
-    from plexus.comm import Communicator
-    from plexus.config import ModelConfig
-    from plexus.loader import CheckpointReader
-    from plexus.model import CausalLM
-    from plexus.plan import ShardPlan
+    from plexus.parallel.comm import Communicator
+    from plexus.models.config import ModelConfig
+    from plexus.checkpoint.reader import CheckpointReader
+    from plexus.models.llama import CausalLM
+    from plexus.parallel.plan import ShardPlan
 
     real = ModelConfig.from_dir(model_dir)
     CheckpointReader(model_dir, real).read("model.norm.weight", 0, 0, 1)
@@ -67,10 +67,10 @@ def main() -> None:
 
     import torch
 
-    from plexus.engine import Engine
+    from plexus.engine.engine import Engine
     from plexus.errors import PlexusError
-    from plexus.runtime import run_guarded, start
-    from plexus.sampling import SamplingParams
+    from plexus.engine.runtime import run_guarded, start
+    from plexus.engine.sampling import SamplingParams
 
     ids = [int(x) for x in args.ids.split(",")]
     state = {}

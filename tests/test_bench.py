@@ -139,7 +139,7 @@ def test_bench_vs_one_rank_needs_several_ranks(demo_tiny):
 def test_solo_process_failures_are_clear_errors(tmp_path):
     """The baselines' own process: a model it cannot load, and the process dying, each come
     back as one PlexusError naming the cause, not a hang or a traceback."""
-    from plexus.bench import SoloProcess
+    from plexus.bench.runner import SoloProcess
     from plexus.errors import PlexusError
 
     solo = SoloProcess()
@@ -204,7 +204,7 @@ def test_processes_vs_threads_script_runs():
     rates; the figures themselves are the benchmark's, not the test's."""
     import re
 
-    from plexus import kernels
+    from plexus.models import kernels
     from tests.helpers import python_cmd
 
     if kernels.library() is None:
@@ -226,7 +226,7 @@ def test_kernel_and_take_rows_ab_scripts_run():
     import re
     import shutil
 
-    from plexus import kernels
+    from plexus.models import kernels
     from tests.helpers import STORIES_DIR, python_cmd
 
     if kernels.library() is None or shutil.which("git") is None:
@@ -281,8 +281,8 @@ def test_table_pools_saved_reports(tmp_path):
 
 def test_bench_help_names_the_model_it_runs_by_default(monkeypatch, tmp_path):
     """--model's help says what bench runs without it: the preset resolve_bench_model picks."""
-    from plexus import bench
-    from plexus.comm import Communicator
+    from plexus.bench import runner as bench
+    from plexus.parallel.comm import Communicator
 
     written = []
     monkeypatch.setattr(bench, "ensure_preset_model", lambda preset, log: written.append(preset) or tmp_path)

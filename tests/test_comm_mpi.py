@@ -27,7 +27,7 @@ SELF = pytest.param("self", id="self")
 
 @pytest.fixture(params=[WORLD, SELF])
 def comm(request):
-    from plexus.comm import Communicator
+    from plexus.parallel.comm import Communicator
 
     return Communicator() if request.param == "world" else Communicator.self_only()
 

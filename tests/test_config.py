@@ -14,15 +14,15 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from plexus import cli
-from plexus.options import config_option, option_keys
+from plexus.commands import main as cli
+from plexus.commands.config_file import config_option, option_keys
 from tests.helpers import plexus_cmd, run
 
 
 @pytest.fixture
 def generate_args(monkeypatch):
     """Run ``plexus generate ...`` through click and return the values it would run with."""
-    import plexus.runtime
+    import plexus.engine.runtime
 
     seen = {}
 
@@ -39,7 +39,7 @@ def generate_args(monkeypatch):
                     max_context=max_context, as_json=as_json, output=output)
         return 0
 
-    monkeypatch.setattr(plexus.runtime, "start", fake_start)
+    monkeypatch.setattr(plexus.engine.runtime, "start", fake_start)
     monkeypatch.setattr(cli, "run_generate", fake_run_generate)
 
     def invoke(*args, env=None):

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import pytest
 
-from plexus import cli
+from plexus.commands import main as cli
 from tests.helpers import REPO_ROOT
 
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
@@ -213,7 +213,7 @@ def test_each_command_documents_its_options(sub):
 
 def test_size_units_are_the_same_in_the_docs_the_help_and_the_parser():
     """The units docs/pooling.md and --max-memory's help list are exactly those parse_size reads."""
-    from plexus.planner import _UNITS, parse_size
+    from plexus.parallel.pool import _UNITS, parse_size
 
     pooling = (REPO_ROOT / "docs" / "pooling.md").read_text()
     listed = re.search(r"\(units: ([^)]*)\)", pooling, flags=re.S).group(1)
@@ -231,7 +231,7 @@ def test_the_documented_exit_statuses_are_the_real_ones(monkeypatch):
     from click.testing import CliRunner
 
     from plexus.errors import PlexusError
-    from plexus.runtime import run_guarded
+    from plexus.engine.runtime import run_guarded
 
     text = (REPO_ROOT / "docs" / "configuration.md").read_text()
     table = text[text.index("## Exit status"):]

@@ -16,7 +16,8 @@ import os, sys
 os.umask(int(sys.argv[1], 8))
 os.environ["PLEXUS_CACHE"] = sys.argv[2]
 import torch
-from plexus import demo, kernels
+from plexus.checkpoint import demo
+from plexus.models import kernels
 demo.write_demo_model(sys.argv[2] + "/out", "tiny")
 demo.ensure_default_model(log=lambda _: None)
 try:

@@ -168,7 +168,7 @@ def test_default_model_in_plexus_cache(tmp_path, demo_tiny, monkeypatch):
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (made / f).read_bytes() == (demo_tiny / f).read_bytes(), f
     # created once: a second use finds it and writes nothing
-    from plexus.demo import ensure_default_model
+    from plexus.checkpoint.demo import ensure_default_model
 
     mtime = (made / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setenv("PLEXUS_CACHE", str(cache))

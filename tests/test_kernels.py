@@ -33,8 +33,8 @@ def _expected_here() -> bool:
 
 @pytest.fixture
 def stories_engine(stories_dir):
-    from plexus.comm import Communicator
-    from plexus.engine import Engine
+    from plexus.parallel.comm import Communicator
+    from plexus.engine.engine import Engine
 
     return Engine.load(stories_dir, Communicator.self_only(), "float32", "cpu")
 
@@ -42,7 +42,7 @@ def stories_engine(stories_dir):
 def test_kernel_builds_and_is_cached(tmp_path, monkeypatch):
     """On Linux x86-64 with a C compiler (this machine, CI) the kernel must build; a second
     build finds the cached library instead of compiling again."""
-    from plexus import kernels
+    from plexus.models import kernels
 
     if not _expected_here():
         pytest.skip("the kernel is built only on Linux x86-64 with a C compiler (cc) and PLEXUS_KERNELS unset")
@@ -62,7 +62,7 @@ def test_fused_steps_equal_torch_steps(stories_engine, build, tmp_path, monkeypa
     """40 one-token steps through the kernel and through the model's torch layers, from the
     same prompt: logits within float32 rounding, the same greedy tokens, the same KV cache.
     Also with the kernel built for a CPU without AVX2 (its plain-C dot product)."""
-    from plexus import kernels
+    from plexus.models import kernels
 
     model = stories_engine.model
     if model.fused is None:
@@ -99,9 +99,9 @@ def test_16_bit_steps_match_transformers(stories_dir, dtype, build, tmp_path, mo
     kernel must be at least about as close to float32 as transformers' own 16-bit run, pick the
     same token wherever float32's choice is clear, and write a KV cache close to the torch
     path's. "without AVX2" is the plain-C build (float16 then converted by the compiler, not F16C)."""
-    from plexus import kernels
-    from plexus.comm import Communicator
-    from plexus.engine import Engine
+    from plexus.models import kernels
+    from plexus.parallel.comm import Communicator
+    from plexus.engine.engine import Engine
     from tests.helpers import hf_reference, hf_sequence_logits
 
     if not _expected_here():
@@ -147,7 +147,7 @@ def test_waiting_for_a_node_peer_gives_up(stories_engine, peer, where):
     publishes the input of the rows this rank would take from it (after the first meeting): the
     step raises one MeshBroken (the server's "a rank died" path) instead of spinning forever:
     after the group's timeout when the peer's process is alive, at once when it is gone."""
-    from plexus import kernels
+    from plexus.models import kernels
     from plexus.errors import MeshBroken
 
     model = stories_engine.model
@@ -251,7 +251,7 @@ def test_a_waiting_rank_takes_rows_and_the_logits_do_not_change(llama_3_to_1, tm
     also where each rank leaves its own last rows to the other, so taking is certain.
     In each of the kernel's builds: float32, bfloat16 and float16 (whose copies are 16-bit).
     (That decoder's logits against transformers: tests/test_model_parity.py.)"""
-    from plexus import kernels
+    from plexus.models import kernels
     from tests.helpers import MPI_SCRIPTS, python_cmd, run_mpi
 
     if kernels.library(getattr(torch, dtype)) is None:

@@ -59,8 +59,8 @@ def test_block_reads_equal_whole_slices(tmp_path, monkeypatch, dtype):
     import torch
     from safetensors.torch import save_file
 
-    from plexus import loader
-    from plexus.config import ModelConfig
+    from plexus.checkpoint import reader as loader
+    from plexus.models.config import ModelConfig
 
     g = torch.Generator().manual_seed(0)
     tensors = {"w": torch.randn(37, 23, generator=g).to(getattr(torch, dtype)),

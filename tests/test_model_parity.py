@@ -162,7 +162,7 @@ def test_every_decode_step_matches_transformers(plexus_runs, references, world_s
     assert got.shape == want.shape == (MAX_NEW_TOKENS - 1, want.shape[1])
     diff = (got - want).abs().max().item()
     assert diff <= TOL, f"{name} at {world_size} ranks: max abs decode-step logit difference {diff:.3g}"
-    from plexus import kernels
+    from plexus.models import kernels
 
     if kernels.library() is not None:  # this machine builds the kernel (test_kernels.py checks where it must)
         assert all(run["fused"]), f"the fused decode kernel was not used: {run['fused']}"
@@ -181,7 +181,7 @@ def test_decode_steps_with_sums_through_mpi(plexus_runs, references, world_size,
     assert run["tokens"] == want["tokens"]
     diff = (torch.tensor(run["step_logits"]) - torch.tensor(want["step_logits"][1:])).abs().max().item()
     assert diff <= TOL, f"{name} at {world_size} ranks, sums through MPI: {diff:.3g}"
-    from plexus import kernels
+    from plexus.models import kernels
 
     if kernels.library() is not None:
         assert all(run["fused"]) and not any(run["node_group"]), run
@@ -218,7 +218,7 @@ def test_16_bit_decode_steps_at_two_ranks(plexus_runs, references, bf16_checkpoi
     transformers' at that position (one forward pass over the same tokens), in float32 and in
     the same dtype: as for the prompt above, close to float32 and about as close to it as
     transformers in that dtype."""
-    from plexus import kernels
+    from plexus.models import kernels
     from tests.helpers import hf_sequence_logits
 
     src, _, ref_dtype = LOW_PRECISION[name]
@@ -241,7 +241,7 @@ def test_bfloat16_decode_steps_with_sums_through_mpi(plexus_runs, bf16_checkpoin
     """The bfloat16 kernel as ranks on several machines run it (each half-layer one C call,
     float32 sums through MPI between them): the same tokens and, to float32 rounding, the same
     step logits as the node group's shared-memory sums above."""
-    from plexus import kernels
+    from plexus.models import kernels
 
     runs = plexus_runs(2)
     via_mpi, via_shm = runs[f"{bf16_checkpoint.name}@mpi_sums"], runs[bf16_checkpoint.name]

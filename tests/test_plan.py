@@ -8,9 +8,9 @@ import itertools
 
 import pytest
 
-from plexus.config import ModelConfig
+from plexus.models.config import ModelConfig
 from plexus.errors import PlexusError
-from plexus.plan import ShardPlan, partition
+from plexus.parallel.plan import ShardPlan, partition
 
 
 def config(heads=8, kv=4, hidden=64, inter=172, vocab=512, layers=2, tied=False, bias=False, head_dim=None,

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from plexus.config import ModelConfig
+from plexus.models.config import ModelConfig
 from plexus.errors import PlexusError
-from plexus.plan import ShardPlan
-from plexus.planner import (PoolPlan, format_size, make_plan, parse_budgets, parse_rank_spec, parse_size,
+from plexus.parallel.plan import ShardPlan
+from plexus.parallel.pool import (PoolPlan, format_size, make_plan, parse_budgets, parse_rank_spec, parse_size,
                             parse_split, split_weights, usable_memory)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def write_config(d: Path, cfg: dict) -> Path:
 
 
 def run_plan(*args: str):
-    from plexus.cli import main
+    from plexus.commands.main import main
 
     return CliRunner().invoke(main, ["plan", *args], catch_exceptions=False)
 
@@ -145,7 +145,7 @@ def test_plan_sizes_match_the_built_shards(cfg, weights):
     """weight_elements / kv_cache_elements equal the parameters and caches CausalLM allocates."""
     import torch
 
-    from plexus.model import CausalLM
+    from plexus.models.llama import CausalLM
 
     d = {"architectures": ["LlamaForCausalLM"], "hidden_size": 48, "intermediate_size": 256,
          "num_hidden_layers": 2, "vocab_size": 301, "max_position_embeddings": 64, **cfg}
@@ -336,7 +336,7 @@ def test_plan_errors_are_one_line(tmp_path):
 @pytest.mark.timeout(60)
 def test_plan_starts_no_mpi(tmp_path):
     d = write_config(tmp_path / "70b", LLAMA_31_70B)
-    code = ("import sys; from plexus.cli import main\n"
+    code = ("import sys; from plexus.commands.main import main\n"
             "try:\n    main(['plan', '--model', sys.argv[1], '--ranks', '3x8GiB'])\n"
             "except SystemExit:\n    pass\n"
             "assert 'mpi4py.MPI' not in sys.modules, 'plexus plan imported MPI'\n")
@@ -346,7 +346,7 @@ def test_plan_starts_no_mpi(tmp_path):
 
 
 def test_make_plan_matches_engine_default_context(tmp_path):
-    from plexus.engine import DEFAULT_MAX_CONTEXT
+    from plexus.engine.engine import DEFAULT_MAX_CONTEXT
 
     d = write_config(tmp_path / "8b", LLAMA_31_8B)
     pool, info = make_plan(str(d), ranks="2")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from plexus.sampling import Sampler, SamplingParams
+from plexus.engine.sampling import Sampler, SamplingParams
 from tests.helpers import plexus_cmd, run, run_mpi
 
 SEED_ARGS = ["--temperature", "0.8", "--top-p", "0.9", "--top-k", "50", "--seed", "1234"]

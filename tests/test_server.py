@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from plexus.engine import Engine
+from plexus.engine.engine import Engine
 from plexus.errors import PlexusError
-from plexus.openai_api import APIError, parse_chat, parse_completion, parse_json
-from plexus.scheduler import FAILED, STOPPING, Scheduler
-from plexus.server import HttpServer, create_app
+from plexus.serve.openai_api import APIError, parse_chat, parse_completion, parse_json
+from plexus.serve.scheduler import FAILED, STOPPING, Scheduler
+from plexus.serve.app import HttpServer, create_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -588,10 +588,10 @@ def test_waitress_disconnect_and_stop_accepting():
         sched.stop(now=True)
 
 
-# ---- signals (plexus.serving) ---------------------------------------------------------------------
+# ---- signals (plexus.serve.lifecycle) ---------------------------------------------------------------------
 
 def test_sigcont_means_the_launcher_unless_we_were_stopped():
-    from plexus.serving import Signals
+    from plexus.serve.lifecycle import Signals
 
     s = Signals()
     seen = []
@@ -612,7 +612,7 @@ def test_sigcont_means_the_launcher_unless_we_were_stopped():
 
 
 def test_signals_before_the_callback_are_replayed():
-    from plexus.serving import Signals
+    from plexus.serve.lifecycle import Signals
 
     s = Signals()
     s.on_stop(2, None)

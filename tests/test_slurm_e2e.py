@@ -57,7 +57,7 @@ def _script_flags(path: Path) -> dict[str, set[str]]:
 
 
 def test_script_flags_exist_in_the_cli():
-    from plexus import cli
+    from plexus.commands import main as cli
 
     found = {}
     for script in SCRIPTS:
@@ -172,7 +172,7 @@ def test_serve_job(cluster, job_inputs, tmp_path, stop):
     time limit; ``scancel --batch --signal=TERM`` here) reaches rank 0 as SIGUSR1 through srun,
     and the job COMPLETES with exit 0; scancel: the job is CANCELLED at once, just as cleanly."""
     try:
-        import plexus.server  # noqa: F401
+        import plexus.serve.app  # noqa: F401
     except ImportError as e:
         pytest.skip(f"plexus serve is not there yet ({e})")
     endpoint_file = tmp_path / "endpoint.txt"

@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
 from plexus.errors import PlexusError
-from plexus.tokenizer import IncrementalDecoder, Tokenizer
+from plexus.engine.tokenizer import IncrementalDecoder, Tokenizer
 from tests.helpers import plexus_cmd, run
 
 

@@ -22,9 +22,9 @@ import os
 import torch
 from _abort import run  # this folder (the script's own) is on sys.path
 
-from plexus import kernels
-from plexus.comm import Communicator
-from plexus.engine import Engine
+from plexus.models import kernels
+from plexus.parallel.comm import Communicator
+from plexus.engine.engine import Engine
 from plexus.log import setup_logging
 
 STEPS = 40

@@ -14,7 +14,7 @@ import click
 
 from plexus import __version__
 from plexus.errors import PlexusError
-from plexus.options import config_option
+from plexus.commands.config_file import config_option
 
 DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
 
@@ -50,7 +50,7 @@ def common_engine_options(f=None, *, model_default: str = "the embedded tiny dem
 def report_usage_error(e: click.ClickException) -> None:
     """A bad option or config file, before MPI is up: one ``plexus: error:`` line (the one a
     user needs, first), from rank 0 alone when a launcher started several."""
-    from plexus.comm import launcher_rank
+    from plexus.parallel.comm import launcher_rank
 
     if launcher_rank() not in (None, 0):
         return
@@ -87,7 +87,7 @@ class LazyGroup(click.Group):
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
 
-    lazy = {"serve": "plexus.server:serve", "plan": "plexus.planner:plan", "bench": "plexus.bench:bench"}
+    lazy = {"serve": "plexus.serve.app:serve", "plan": "plexus.parallel.pool:plan", "bench": "plexus.bench.runner:bench"}
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))
@@ -146,7 +146,7 @@ def read_requests(tokenizer, prompt: str | None, prompts_file: str | None, chat:
 
 def check_requests(requests: list[dict], max_tokens: int, config, max_context: int | None) -> None:
     """Rank 0, before any weight is read: every prompt fits the context and the vocabulary."""
-    from plexus.engine import check_request, context_length
+    from plexus.engine.engine import check_request, context_length
 
     ctx = context_length(config, max_context)
     for n, req in enumerate(requests, 1):
@@ -173,10 +173,10 @@ def check_output_path(output: str | None) -> None:
 
 def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output,
                  split="memory", max_memory=None) -> int:
-    from plexus.config import ModelConfig
-    from plexus.engine import Engine
-    from plexus.runtime import load_progress, log_rank_table, resolve_model_dir
-    from plexus.tokenizer import Tokenizer
+    from plexus.models.config import ModelConfig
+    from plexus.engine.engine import Engine
+    from plexus.engine.runtime import load_progress, log_rank_table, resolve_model_dir
+    from plexus.engine.tokenizer import Tokenizer
 
     comm, log = rt.comm, rt.log
     error, tokenizer, requests, model_dir = None, None, None, None
@@ -252,8 +252,8 @@ def generate(model, dtype, device, threads, max_context, split, max_memory, verb
              max_tokens,
              temperature, top_p, top_k, seed, stop, as_json, output):
     """Generate text from a prompt or a JSONL file of prompts (run under mpirun)."""
-    from plexus.runtime import run_guarded, start
-    from plexus.sampling import SamplingParams
+    from plexus.engine.runtime import run_guarded, start
+    from plexus.engine.sampling import SamplingParams
 
     state = {}
 
@@ -275,7 +275,7 @@ def generate(model, dtype, device, threads, max_context, split, max_memory, verb
 @click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True)
 def demo_model(out, preset, seed, dtype):
     """Write a Llama-architecture checkpoint with seeded random weights and a trained tokenizer."""
-    from plexus.demo import write_demo_model
+    from plexus.checkpoint.demo import write_demo_model
 
     path = write_demo_model(out, preset=preset, seed=seed, dtype=dtype)
     click.echo(f"wrote {preset} demo model to {path}", err=True)

@@ -248,8 +248,8 @@ class FusedDecoder:
         longer wait for the slowest rank. Not done where a rank's plan leaves it less than that
         to spare (``spare_bytes``: its budget or usable memory less its weights and KV cache;
         None: unknown), or with PLEXUS_TAKE_ROWS=0."""
-        from plexus.layers import host_empty  # (plexus.layers imports this module)
-        from plexus.planner import format_size
+        from plexus.models.layers import host_empty  # (plexus.models.layers imports this module)
+        from plexus.parallel.pool import format_size
 
         comm, hidden = self.comm, model.config.hidden_size
         a, mlp, head = model.layers[0].self_attn, model.layers[0].mlp, model.lm_head.weight

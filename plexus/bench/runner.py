@@ -38,7 +38,7 @@ import click
 import torch
 import torch.nn.functional as F
 
-from plexus.cli import common_engine_options
+from plexus.commands.main import common_engine_options
 from plexus.errors import PlexusError
 
 PROBE_MIB = 512  # per rank: well past any CPU's last-level cache
@@ -151,14 +151,14 @@ def matvec_kernels(dtype: torch.dtype, device: torch.device) -> dict:
     engine's layers use (the same function where the engine has no kernel of its own), and the
     fused decode kernel's loop where the engine decodes with it. The limit is the fastest of
     them, so an engine kernel cannot flatter itself."""
-    from plexus import layers
+    from plexus.models import layers
 
     kernels = {"torch.nn.functional.linear": lambda x, w: F.linear(x, w)}
     engine_linear = getattr(layers, "linear", None)
     if engine_linear is not None:
-        kernels["plexus.layers.linear"] = lambda x, w: engine_linear(x, w)
+        kernels["plexus.models.layers.linear"] = lambda x, w: engine_linear(x, w)
     if device.type == "cpu":
-        from plexus import kernels as fused
+        from plexus.models import kernels as fused
         if fused.library(dtype) is not None:  # the fused decode kernel's own streaming loop
             outs = {}
 
@@ -167,7 +167,7 @@ def matvec_kernels(dtype: torch.dtype, device: torch.device) -> dict:
                     outs[w.shape[0]] = torch.empty(w.shape[0]), x.float().contiguous()
                 out, xf = outs[w.shape[0]]
                 fused.matvec(w, xf, out)
-            kernels["plexus.kernels.matvec"] = fused_matvec
+            kernels["plexus.models.kernels.matvec"] = fused_matvec
     return kernels
 
 
@@ -180,7 +180,7 @@ def measure_bandwidth(dtype: torch.dtype, device: torch.device, nbytes: int, wid
     allocated as the engine allocates its weights (huge pages where the OS allows), so the
     engine gets no advantage the probe lacks. Every rank runs it at once, after a barrier:
     ranks that share memory share its bandwidth."""
-    from plexus.layers import host_empty
+    from plexus.models.layers import host_empty
 
     rows = max(1, nbytes // (width * dtype.itemsize))
     if device.type == "cpu":
@@ -297,7 +297,7 @@ class SoloProcess:
         # there is a namespace package): the child leaves it out before importing anything
         code = ("import sys\nsys.path[:] = [p for p in sys.path if p]\nimport os\n"
                 "try:\n    os.sched_setaffinity(0, range(os.cpu_count()))\n"
-                "except (AttributeError, OSError):\n    pass\nfrom plexus.bench import solo_main\nsolo_main()")
+                "except (AttributeError, OSError):\n    pass\nfrom plexus.bench.runner import solo_main\nsolo_main()")
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, env=env, text=True)
 
@@ -338,10 +338,10 @@ class SoloProcess:
 
 def solo_main() -> None:
     """The SoloProcess side: answer commands until stdin closes."""
-    from plexus.comm import Communicator
-    from plexus.devices import cpu_threads
-    from plexus.engine import Engine
-    from plexus.sampling import SamplingParams
+    from plexus.parallel.comm import Communicator
+    from plexus.parallel.devices import cpu_threads
+    from plexus.engine.engine import Engine
+    from plexus.engine.sampling import SamplingParams
 
     threads, engine = cpu_threads(1), None
     torch.set_num_threads(threads)
@@ -370,7 +370,7 @@ def solo_main() -> None:
 
 def decode_block(engine, prompt_ids: list[int], block_tokens: int) -> float:
     """Rank 0: decode tok/s of one generation of ``block_tokens`` + 1 tokens, after its prefill."""
-    from plexus.sampling import SamplingParams
+    from plexus.engine.sampling import SamplingParams
 
     times = []
     for _ in engine.generate(prompt_ids, SamplingParams(max_tokens=block_tokens + 1)):
@@ -431,14 +431,14 @@ def pair_with_one_rank(comm, engine, phase, solo: SoloProcess | None, model_dir:
 
 def preset_dir(preset: str) -> Path:
     """The cached demo model for ``preset``, next to the embedded tiny model's cache."""
-    from plexus.demo import default_model_dir
+    from plexus.checkpoint.demo import default_model_dir
 
     return default_model_dir().parent / f"demo-{preset}"
 
 
 def ensure_preset_model(preset: str, log) -> Path:
     """The preset's demo checkpoint, written once and reused afterwards."""
-    from plexus.demo import ensure_demo_model
+    from plexus.checkpoint.demo import ensure_demo_model
 
     return ensure_demo_model(preset, preset_dir(preset), log)
 
@@ -473,9 +473,9 @@ def prompt_token_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
 def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, baseline, probe_mib,
               split="memory", max_memory=None, vs_one_rank=False) -> dict | None:
     """Every rank: run the phases; rank 0 returns the report, the others None."""
-    from plexus.engine import Engine
-    from plexus.runtime import load_progress
-    from plexus.sampling import SamplingParams
+    from plexus.engine.engine import Engine
+    from plexus.engine.runtime import load_progress
+    from plexus.engine.sampling import SamplingParams
 
     comm, log = rt.comm, rt.log
     error = None
@@ -491,8 +491,8 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
     error = None
     if comm.rank == 0:  # the prompt and new tokens fit the context: known before any weight is read
         try:
-            from plexus.config import ModelConfig
-            from plexus.engine import check_request, context_length
+            from plexus.models.config import ModelConfig
+            from plexus.engine.engine import check_request, context_length
 
             config = ModelConfig.from_dir(model_dir)
             check_request(prompt_token_ids(prompt_tokens, config.vocab_size), new_tokens,
@@ -698,7 +698,7 @@ def bench(model, dtype, device, threads, max_context, split, max_memory, verbose
     """Measure load time, time to first token, prefill and decode speed, memory, and decode's
     fraction of the memory-bandwidth floor (run under mpirun for several ranks). Without --model
     or --preset it benches the 'bench' demo model. See docs/benchmarks.md."""
-    from plexus.runtime import run_guarded, start
+    from plexus.engine.runtime import run_guarded, start
 
     state = {}
 

@@ -7,7 +7,7 @@ Slurm's ``--gpus-per-task=1`` work (each task sees one GPU, ``cuda:0``). A node 
 accelerator runs its ranks on the CPU. ``--device`` overrides.
 
 Everything here is a plain function of its inputs (device counts, CPU sets, environment), so it
-is unit-tested without the hardware; ``plexus.runtime`` feeds it the real values.
+is unit-tested without the hardware; ``plexus.engine.runtime`` feeds it the real values.
 """
 
 from __future__ import annotations

@@ -17,11 +17,11 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from plexus.comm import Communicator
-from plexus.config import ModelConfig
+from plexus.parallel.comm import Communicator
+from plexus.models.config import ModelConfig
 from plexus.errors import PlexusError
-from plexus.model import CausalLM
-from plexus.plan import ShardPlan
+from plexus.models.llama import CausalLM
+from plexus.parallel.plan import ShardPlan
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 READ_BLOCK_BYTES = 4 * 2**20  # large slices are copied into place in blocks of about this size

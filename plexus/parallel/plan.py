@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from plexus.config import ModelConfig
+from plexus.models.config import ModelConfig
 from plexus.errors import PlexusError
 
 MLP_GRANULARITY = 64  # MLP columns move between ranks in blocks of this many when sizes allow

@@ -15,8 +15,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from plexus.comm import Communicator, check_world, launcher_rank
-from plexus.devices import allowed_cpus, cpu_threads, device_info, node_local_rank, select_device
+from plexus.parallel.comm import Communicator, check_world, launcher_rank
+from plexus.parallel.devices import allowed_cpus, cpu_threads, device_info, node_local_rank, select_device
 from plexus.errors import PlexusError
 from plexus.log import get_logger, setup_logging
 
@@ -61,7 +61,7 @@ def resolve_model_dir(model: str | None, comm: Communicator) -> str:
         if not Path(model).is_dir():
             raise PlexusError(f"model directory {model} does not exist")
         return model
-    from plexus.demo import ensure_default_model
+    from plexus.checkpoint.demo import ensure_default_model
 
     log = get_logger()
     return str(ensure_default_model(log=log.info if comm.rank == 0 else (lambda *_: None)))
@@ -83,7 +83,7 @@ def progress_enabled(env=os.environ, stream=sys.stderr) -> bool:
 def plan_bytes(plan, rank: int = 0) -> int:
     """Bytes of ``rank``'s share of the checkpoint as stored (the file's dtype: what the loader
     reads, whatever dtype it then computes in)."""
-    from plexus.config import dtype_size, resolve_dtype
+    from plexus.models.config import dtype_size, resolve_dtype
 
     return plan.weight_elements(rank) * dtype_size(resolve_dtype(None, plan.config))
 
@@ -156,7 +156,7 @@ def log_rank_table(rt: Runtime, engine) -> None:
     "free" memory is what is left for activations once the weights are in."""
     comm = rt.comm
     dtype = engine.model.embed_tokens.weight.dtype
-    from plexus.config import dtype_size
+    from plexus.models.config import dtype_size
 
     row = dict(rank=comm.rank, host=comm.hostname, device=rt.device, threads=rt.threads,
                weight_bytes=engine.plan.weight_elements(comm.rank) * dtype_size(dtype), **device_info(rt.device))

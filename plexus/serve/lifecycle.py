@@ -19,7 +19,7 @@ Endings (details and the reasons in docs/api.md):
   answers waiting requests with 503 at once and releases the workers, then all ranks pass one
   barrier and exit 0 together, before PRRTE's SIGKILL. (mpirun itself then reports 1: PRRTE
   marks any job it aborted so.)
-- A rank dies: see plexus.scheduler; rank 0 answers in-flight and new requests with 503 for a
+- A rank dies: see plexus.serve.scheduler; rank 0 answers in-flight and new requests with 503 for a
   moment, then exits 1 (or aborts the job when ranks may be stuck in a collective).
 """
 
@@ -123,11 +123,11 @@ def install_signal_handlers() -> Signals:
 
 
 def run_serve(rt, opts: ServeOptions, signals: Signals) -> int:
-    from plexus.engine import Engine
-    from plexus.runtime import load_progress, log_rank_table, resolve_model_dir
-    from plexus.scheduler import Scheduler
-    from plexus.server import HttpServer, create_app
-    from plexus.tokenizer import Tokenizer
+    from plexus.engine.engine import Engine
+    from plexus.engine.runtime import load_progress, log_rank_table, resolve_model_dir
+    from plexus.serve.scheduler import Scheduler
+    from plexus.serve.app import HttpServer, create_app
+    from plexus.engine.tokenizer import Tokenizer
 
     comm, log = rt.comm, rt.log
     t0 = time.monotonic()
@@ -165,7 +165,7 @@ def run_serve(rt, opts: ServeOptions, signals: Signals) -> int:
 
 
 def _on_signal(scheduler, http, opts, log, signum, launcher) -> None:
-    from plexus.scheduler import STOPPING
+    from plexus.serve.scheduler import STOPPING
 
     if scheduler.stop_now:
         return  # PRRTE's SIGTERM after its SIGCONT: already on the way out
@@ -184,7 +184,7 @@ def _on_signal(scheduler, http, opts, log, signum, launcher) -> None:
 
 def _rank0_main(scheduler, http, comm, log, opts) -> int:
     """Rank 0's main thread: wait for the end and leave the way it calls for."""
-    from plexus.scheduler import FAILED, STOPPING
+    from plexus.serve.scheduler import FAILED, STOPPING
 
     while not scheduler.finished.wait(0.01):
         if scheduler.state == STOPPING:

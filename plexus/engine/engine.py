@@ -15,15 +15,15 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from plexus.comm import Communicator
-from plexus.config import ModelConfig, resolve_dtype
+from plexus.parallel.comm import Communicator
+from plexus.models.config import ModelConfig, resolve_dtype
 from plexus.errors import PlexusError
-from plexus.loader import load_model
+from plexus.checkpoint.reader import load_model
 from plexus.log import get_logger
-from plexus.model import CausalLM
-from plexus.plan import ShardPlan
-from plexus.planner import agree_pool_plan
-from plexus.sampling import Sampler, SamplingParams
+from plexus.models.llama import CausalLM
+from plexus.parallel.plan import ShardPlan
+from plexus.parallel.pool import agree_pool_plan
+from plexus.engine.sampling import Sampler, SamplingParams
 
 DEFAULT_MAX_CONTEXT = 4096  # caps the preallocated KV cache for long-context checkpoints
 
@@ -148,7 +148,7 @@ class Engine:
                  cancelled: Callable[[], bool] = lambda: False) -> Completion:
         """Generate and detokenize one completion on rank 0, honouring stop strings; ``on_text``
         receives each stable piece of new text (for streaming)."""
-        from plexus.tokenizer import IncrementalDecoder
+        from plexus.engine.tokenizer import IncrementalDecoder
 
         decoder = IncrementalDecoder(tokenizer, params.stop)
         result = Completion(list(prompt_ids))

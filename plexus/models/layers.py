@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plexus import kernels
-from plexus.comm import Communicator
+from plexus.models import kernels
+from plexus.parallel.comm import Communicator
 
 
 class TensorReader(Protocol):

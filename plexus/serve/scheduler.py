@@ -18,9 +18,9 @@ from typing import Callable
 
 from plexus.errors import MeshBroken, PlexusError
 from plexus.log import get_logger
-from plexus.metrics import ServerMetrics
-from plexus.openai_api import APIError, unavailable
-from plexus.sampling import SamplingParams
+from plexus.serve.metrics import ServerMetrics
+from plexus.serve.openai_api import APIError, unavailable
+from plexus.engine.sampling import SamplingParams
 
 LOADING, OK, STOPPING, FAILED = "loading", "ok", "stopping", "failed"
 

@@ -1,8 +1,8 @@
 """The HTTP side of ``plexus serve`` (rank 0 only): an OpenAI-compatible Flask app, the
 waitress server it runs under, and the ``serve`` command.
 
-``create_app`` takes a Scheduler (plexus.scheduler) and nothing MPI-specific, so the app is
-tested with ``app.test_client()`` and a fake engine; ``plexus.serving`` wires it to the ranks.
+``create_app`` takes a Scheduler (plexus.serve.scheduler) and nothing MPI-specific, so the app is
+tested with ``app.test_client()`` and a fake engine; ``plexus.serve.lifecycle`` wires it to the ranks.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from plexus import __version__
-from plexus.cli import common_engine_options
+from plexus.commands.main import common_engine_options
 from plexus.errors import PlexusError
 from plexus.log import get_logger
-from plexus.openai_api import (APIError, chunk, model_card, new_id, now, parse_chat, parse_completion,
+from plexus.serve.openai_api import (APIError, chunk, model_card, new_id, now, parse_chat, parse_completion,
                                parse_json, response, sse, usage_chunk)
-from plexus.scheduler import OK, Job, Scheduler
+from plexus.serve.scheduler import OK, Job, Scheduler
 
 DEFAULT_MAX_BODY = 4 * 2**20  # bytes; a long chat history is far smaller
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -332,8 +332,8 @@ class _Closing:
 def serve(model, dtype, device, threads, max_context, split, max_memory, verbose, host, port, api_key,
           served_model_name, max_body_bytes, http_threads, drain_timeout, stall_timeout):
     """Serve an OpenAI-compatible HTTP API from rank 0 (run under mpirun; see docs/api.md)."""
-    from plexus.runtime import run_guarded, start
-    from plexus.serving import ServeOptions, run_serve
+    from plexus.engine.runtime import run_guarded, start
+    from plexus.serve.lifecycle import ServeOptions, run_serve
 
     opts = ServeOptions(model=model, dtype=dtype, max_context=max_context, split=split, max_memory=max_memory,
                         host=host, port=port, api_key=api_key or None, served_model_name=served_model_name,
@@ -342,7 +342,7 @@ def serve(model, dtype, device, threads, max_context, split, max_memory, verbose
     state = {}
 
     def body():
-        from plexus.serving import install_signal_handlers
+        from plexus.serve.lifecycle import install_signal_handlers
 
         signals = install_signal_handlers()  # first: a signal during start-up must not kill a rank
         rt = state["rt"] = start(device, threads, verbose)

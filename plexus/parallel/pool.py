@@ -21,9 +21,9 @@ from typing import Sequence
 
 import click
 
-from plexus.config import ModelConfig
+from plexus.models.config import ModelConfig
 from plexus.errors import PlexusError
-from plexus.plan import ShardPlan
+from plexus.parallel.plan import ShardPlan
 
 # Left free on every rank for activations, the allocator and the runtime (CUDA context, MPI
 # buffers, Python); measured memory minus this is what a rank offers to the pool.
@@ -104,7 +104,7 @@ def parse_budgets(max_memory: str | int | Sequence | None, world_size: int) -> l
 
 def host_available_bytes() -> int | None:
     """Memory the OS can hand out without swapping (MemAvailable), or None if unknown."""
-    from plexus.devices import host_memory
+    from plexus.parallel.devices import host_memory
 
     available = host_memory()[1]  # /proc/meminfo, else the OS's count of free pages
     if available is not None:
@@ -419,7 +419,7 @@ def read_checkpoint_info(model_dir: Path) -> CheckpointInfo | None:
     """Sizes from the safetensors headers only (no tensor data); None if there are no weights."""
     if not list(model_dir.glob("*.safetensors")) and not (model_dir / "model.safetensors.index.json").is_file():
         return None
-    from plexus.loader import checkpoint_files, read_header
+    from plexus.checkpoint.reader import checkpoint_files, read_header
 
     files = checkpoint_files(model_dir)
     by_dtype: dict[str, int] = {}
@@ -567,7 +567,7 @@ def make_plan(model: str, ranks: str | None = None, hostfile: str | None = None,
               max_memory: str | None = None, split: str = "memory", max_context: int | None = None,
               max_batch: int = 1, dtype: str | None = None) -> tuple[PoolPlan, CheckpointInfo | None]:
     """The plan ``plexus plan`` prints: from config.json and safetensors headers only."""
-    from plexus.engine import DEFAULT_MAX_CONTEXT
+    from plexus.engine.engine import DEFAULT_MAX_CONTEXT
 
     path = Path(model)
     model_dir = path.parent if path.is_file() else path
@@ -615,7 +615,7 @@ def make_plan(model: str, ranks: str | None = None, hostfile: str | None = None,
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model, ranks, hostfile, config_file, max_memory, split, max_context, max_batch, dtype, as_json):
     """Show how a model would be split over a pool of devices, and whether it fits (no MPI, no weights read)."""
-    from plexus.runtime import run_guarded
+    from plexus.engine.runtime import run_guarded
 
     def body():
         pool, info = make_plan(model, ranks, hostfile, config_file, max_memory, split, max_context, max_batch, dtype)

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plexus.comm import Communicator
-from plexus.config import ModelConfig
-from plexus.kernels import FusedDecoder
-from plexus.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
+from plexus.parallel.comm import Communicator
+from plexus.models.config import ModelConfig
+from plexus.models.kernels import FusedDecoder
+from plexus.models.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
                            VocabParallelEmbedding, host_empty)
-from plexus.plan import RankShard, ShardPlan
+from plexus.parallel.plan import RankShard, ShardPlan
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:

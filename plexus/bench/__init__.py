@@ -1,0 +1,1 @@
+"""`plexus bench`: running the phases, the probes, the baselines, the report."""

@@ -1,0 +1,1 @@
+"""The models: config, the tensor-parallel layers, one file per model family, the fused CPU decode kernel."""
