@@ -1,4 +1,4 @@
-"""Two builds of the fused decode kernel (plexus/csrc/decode.c) side by side in one process:
+"""Two builds of the fused decode kernel (plexus/models/csrc/decode.c) side by side in one process:
 the working tree's and the one at a git revision, on the same loaded model (world size 1, every
 core), in alternating blocks of decode steps (ABBA), so that the machine's drift falls on both.
 ``--rev torch`` compares the kernel with the engine's torch ops instead.
@@ -8,7 +8,7 @@ core), in alternating blocks of decode steps (ABBA), so that the machine's drift
 
 Prints each build's median step time and the median of the per-round speed ratios (the working
 tree's speed over the revision's), with the lowest and highest round. The two builds must share
-the struct layouts that plexus/kernels.py passes (a revision from before a layout change will
+the struct layouts that plexus/models/kernels.py passes (a revision from before a layout change will
 not run). Needs git and a C compiler.
 """
 
@@ -30,8 +30,13 @@ def build_at(rev: str, out_dir: Path, dtype) -> Path:
     from plexus.models import kernels
 
     src = out_dir / "decode.c"
-    src.write_bytes(subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:plexus/csrc/decode.c"],
-                                   check=True, capture_output=True).stdout)
+    for path in ("plexus/models/csrc/decode.c", "plexus/csrc/decode.c"):  # (where it was before plexus/models/)
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], capture_output=True)
+        if shown.returncode == 0:
+            break
+    else:
+        sys.exit(f"no decode.c at {rev}: {shown.stderr.decode().strip()}")
+    src.write_bytes(shown.stdout)
     lib = out_dir / "decode.so"
     subprocess.run(["cc", *kernels.FLAGS, *kernels.DTYPE_FLAGS[dtype], "-o", str(lib), str(src), "-lm"], check=True)
     return lib
@@ -52,19 +57,19 @@ def main() -> None:
 
     import torch
 
-    from plexus.models import kernels
     from plexus.bench.runner import ensure_preset_model
-    from plexus.parallel.comm import Communicator
-    from plexus.parallel.devices import cpu_threads
     from plexus.engine.engine import Engine
     from plexus.log import setup_logging
+    from plexus.models import kernels
+    from plexus.parallel.comm import Communicator
+    from plexus.parallel.devices import cpu_threads
 
     log = setup_logging()
     torch.set_num_threads(args.threads or cpu_threads(1))
     model_dir = args.model or str(ensure_preset_model(args.preset, log))
     model = Engine.load(model_dir, Communicator.self_only(), args.dtype, "cpu").model
     if model.fused is None:
-        sys.exit("the fused kernel is not available here (see plexus/kernels.py)")
+        sys.exit("the fused kernel is not available here (see plexus/models/kernels.py)")
     with tempfile.TemporaryDirectory() as tmp:
         decoders = {"working tree": model.fused}
         if args.rev == "torch":  # the model's own layers, as without the kernel

@@ -6,7 +6,7 @@
 Each of the 2 ranks (one core each, mpirun's binding) holds an --mib float32 matrix; a fresh
 process on rank 0's node (every core, 2 OpenMP threads, none of the launcher's environment)
 holds one of twice the size. In alternating rounds the fresh process runs 4 matrix-vector
-products over its matrix with the engine's kernel (plexus/kernels.py), then the two ranks run 4
+products over its matrix with the engine's kernel (plexus/models/kernels.py), then the two ranks run 4
 over theirs at once (a barrier after each). Prints both rates and the median of the rounds'
 ratios. The ranks' own times are printed too: if one is much faster than the other, the pair
 waits for the slower one, as the engine's ranks do at each meeting.
@@ -25,7 +25,7 @@ import time
 SOLO = r"""
 import json, sys, time, torch
 from plexus.models import kernels
-from plexus.models.layers import host_empty
+from plexus.parallel.hostmem import host_empty
 rows, k = int(sys.argv[1]), 1024
 torch.set_num_threads(int(sys.argv[2]))
 w = host_empty((rows, k), torch.float32); w.normal_()
@@ -49,15 +49,15 @@ def main() -> None:
     import torch
     from mpi4py import MPI
 
+    from plexus.bench.baselines import solo_environment
     from plexus.models import kernels
-    from plexus.bench.runner import solo_environment
-    from plexus.models.layers import host_empty
+    from plexus.parallel.hostmem import host_empty
 
     comm, k = MPI.COMM_WORLD, 1024
     rank, size = comm.Get_rank(), comm.Get_size()
     rows = args.mib * 2**20 // (4 * k)
     if kernels.library() is None:
-        sys.exit("the fused kernel is not available here (see plexus/kernels.py)")
+        sys.exit("the fused kernel is not available here (see plexus/models/kernels.py)")
     torch.set_num_threads(1)
     w = host_empty((rows, k), torch.float32)
     w.normal_()

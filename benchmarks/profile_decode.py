@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from plexus.parallel.comm import Communicator
 from plexus.engine.engine import Engine
+from plexus.parallel.comm import Communicator
 
 
 def main() -> None:

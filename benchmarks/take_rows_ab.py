@@ -1,4 +1,4 @@
-"""Ranks of one node taking rows from one another (plexus/csrc/decode.c, "Taking rows"), on
+"""Ranks of one node taking rows from one another (plexus/models/csrc/decode.c, "Taking rows"), on
 and off, side by side in one job: the engine's decoder (which takes rows) and one made without
 the copies, on the same loaded model, in alternating blocks of decode steps.
 
@@ -28,11 +28,11 @@ def main() -> None:
     import torch
     from mpi4py import MPI
 
-    from plexus.models import kernels
     from plexus.bench.runner import ensure_preset_model
-    from plexus.parallel.comm import Communicator
     from plexus.engine.engine import Engine
     from plexus.log import setup_logging
+    from plexus.models import kernels
+    from plexus.parallel.comm import Communicator
 
     comm = Communicator()
     log = setup_logging(comm.rank)

@@ -35,10 +35,10 @@ def warm_up(model_dir: str) -> None:
     """Run the code paths of a load once on a tiny model (a few KiB of data)."""
     import torch
 
-    from plexus.parallel.comm import Communicator
-    from plexus.models.config import ModelConfig
     from plexus.checkpoint.reader import CheckpointReader
+    from plexus.models.config import ModelConfig
     from plexus.models.llama import CausalLM
+    from plexus.parallel.comm import Communicator
     from plexus.parallel.plan import ShardPlan
 
     real = ModelConfig.from_dir(model_dir)
@@ -68,9 +68,9 @@ def main() -> None:
     import torch
 
     from plexus.engine.engine import Engine
-    from plexus.errors import PlexusError
     from plexus.engine.runtime import run_guarded, start
     from plexus.engine.sampling import SamplingParams
+    from plexus.errors import PlexusError
 
     ids = [int(x) for x in args.ids.split(",")]
     state = {}

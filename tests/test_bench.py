@@ -139,7 +139,7 @@ def test_bench_vs_one_rank_needs_several_ranks(demo_tiny):
 def test_solo_process_failures_are_clear_errors(tmp_path):
     """The baselines' own process: a model it cannot load, and the process dying, each come
     back as one PlexusError naming the cause, not a hang or a traceback."""
-    from plexus.bench.runner import SoloProcess
+    from plexus.bench.baselines import SoloProcess
     from plexus.errors import PlexusError
 
     solo = SoloProcess()
@@ -281,11 +281,12 @@ def test_table_pools_saved_reports(tmp_path):
 
 def test_bench_help_names_the_model_it_runs_by_default(monkeypatch, tmp_path):
     """--model's help says what bench runs without it: the preset resolve_bench_model picks."""
-    from plexus.bench import runner as bench
+    from plexus.bench import runner
+    from plexus.commands.bench import bench
     from plexus.parallel.comm import Communicator
 
     written = []
-    monkeypatch.setattr(bench, "ensure_preset_model", lambda preset, log: written.append(preset) or tmp_path)
-    bench.resolve_bench_model(None, None, Communicator.self_only(), print)
-    (help_text,) = [p.help for p in bench.bench.params if p.name == "model"]
+    monkeypatch.setattr(runner, "ensure_preset_model", lambda preset, log: written.append(preset) or tmp_path)
+    runner.resolve_bench_model(None, None, Communicator.self_only(), print)
+    (help_text,) = [p.help for p in bench.params if p.name == "model"]
     assert written == ["bench"] and f"the '{written[0]}' demo preset" in help_text, help_text

@@ -14,6 +14,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from plexus.commands import generate as generate_command
 from plexus.commands import main as cli
 from plexus.commands.config_file import config_option, option_keys
 from tests.helpers import plexus_cmd, run
@@ -40,7 +41,7 @@ def generate_args(monkeypatch):
         return 0
 
     monkeypatch.setattr(plexus.engine.runtime, "start", fake_start)
-    monkeypatch.setattr(cli, "run_generate", fake_run_generate)
+    monkeypatch.setattr(generate_command, "run_generate", fake_run_generate)
 
     def invoke(*args, env=None):
         seen.clear()

@@ -10,9 +10,9 @@ import io
 
 import pytest
 
-from plexus.parallel.devices import accelerator_slots, cpu_threads, node_local_rank, select_device
-from plexus.errors import PlexusError
 from plexus.engine.runtime import LoadProgress, format_rank_table, plan_bytes, progress_enabled
+from plexus.errors import PlexusError
+from plexus.parallel.devices import accelerator_slots, cpu_threads, node_local_rank, select_device
 
 CUDA2 = {"cuda": 2, "xpu": 0, "mps": 0}
 MPS = {"cuda": 0, "xpu": 0, "mps": 1}
@@ -188,8 +188,8 @@ def test_progress_total_is_the_bytes_loaded(demo_tiny, world):
 
 def test_progress_callback_reaches_the_total(demo_tiny):
     # Engine.load gives the bar its plan, then reports bytes that add up to that plan's total.
-    from plexus.parallel.comm import Communicator
     from plexus.engine.engine import Engine
+    from plexus.parallel.comm import Communicator
 
     class Bar:
         n, total, refreshed = 0, None, 0
@@ -219,10 +219,10 @@ def test_log_rank_table_gathers_rows_and_warns_on_a_shared_gpu(caplog):
 
     import torch
 
-    from plexus.models.config import ModelConfig
-    from plexus.log import setup_logging
-    from plexus.parallel.plan import ShardPlan
     from plexus.engine.runtime import Runtime, log_rank_table
+    from plexus.log import setup_logging
+    from plexus.models.config import ModelConfig
+    from plexus.parallel.plan import ShardPlan
 
     config = ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=64,
                                         intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,

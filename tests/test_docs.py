@@ -213,7 +213,7 @@ def test_each_command_documents_its_options(sub):
 
 def test_size_units_are_the_same_in_the_docs_the_help_and_the_parser():
     """The units docs/pooling.md and --max-memory's help list are exactly those parse_size reads."""
-    from plexus.parallel.pool import _UNITS, parse_size
+    from plexus.parallel.sizes import _UNITS, parse_size
 
     pooling = (REPO_ROOT / "docs" / "pooling.md").read_text()
     listed = re.search(r"\(units: ([^)]*)\)", pooling, flags=re.S).group(1)
@@ -230,8 +230,8 @@ def test_the_documented_exit_statuses_are_the_real_ones(monkeypatch):
     0 for success, each produced by the code that decides it."""
     from click.testing import CliRunner
 
-    from plexus.errors import PlexusError
     from plexus.engine.runtime import run_guarded
+    from plexus.errors import PlexusError
 
     text = (REPO_ROOT / "docs" / "configuration.md").read_text()
     table = text[text.index("## Exit status"):]

@@ -1,4 +1,4 @@
-"""The fused decode kernel (plexus/kernels.py, plexus/csrc/decode.c), in each dtype: it builds where
+"""The fused decode kernel (plexus/models/kernels.py, plexus/models/csrc/decode.c), in each dtype: it builds where
 it should, computes what the torch path computes, falls back to the torch path where it cannot
 build, and a rank waiting for a node peer that never arrives gives up with one clear error.
 
@@ -33,8 +33,8 @@ def _expected_here() -> bool:
 
 @pytest.fixture
 def stories_engine(stories_dir):
-    from plexus.parallel.comm import Communicator
     from plexus.engine.engine import Engine
+    from plexus.parallel.comm import Communicator
 
     return Engine.load(stories_dir, Communicator.self_only(), "float32", "cpu")
 
@@ -99,9 +99,9 @@ def test_16_bit_steps_match_transformers(stories_dir, dtype, build, tmp_path, mo
     kernel must be at least about as close to float32 as transformers' own 16-bit run, pick the
     same token wherever float32's choice is clear, and write a KV cache close to the torch
     path's. "without AVX2" is the plain-C build (float16 then converted by the compiler, not F16C)."""
+    from plexus.engine.engine import Engine
     from plexus.models import kernels
     from plexus.parallel.comm import Communicator
-    from plexus.engine.engine import Engine
     from tests.helpers import hf_reference, hf_sequence_logits
 
     if not _expected_here():
@@ -147,8 +147,8 @@ def test_waiting_for_a_node_peer_gives_up(stories_engine, peer, where):
     publishes the input of the rows this rank would take from it (after the first meeting): the
     step raises one MeshBroken (the server's "a rank died" path) instead of spinning forever:
     after the group's timeout when the peer's process is alive, at once when it is gone."""
-    from plexus.models import kernels
     from plexus.errors import MeshBroken
+    from plexus.models import kernels
 
     model = stories_engine.model
     if model.fused is None:

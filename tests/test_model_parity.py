@@ -155,7 +155,7 @@ def test_greedy_tokens_match_transformers_generate(plexus_runs, references, worl
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_every_decode_step_matches_transformers(plexus_runs, references, world_size, name):
     """The logits of each one-token decode step (on the CPU in float32: the fused C kernel,
-    plexus/kernels.py), against the logits transformers' generate chose each token from."""
+    plexus/models/kernels.py), against the logits transformers' generate chose each token from."""
     run = plexus_runs(world_size)[name]
     want = torch.tensor(references[name][1]["step_logits"][1:])
     got = torch.tensor(run["step_logits"])

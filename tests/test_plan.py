@@ -8,8 +8,8 @@ import itertools
 
 import pytest
 
-from plexus.models.config import ModelConfig
 from plexus.errors import PlexusError
+from plexus.models.config import ModelConfig
 from plexus.parallel.plan import ShardPlan, partition
 
 

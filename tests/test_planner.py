@@ -1,4 +1,4 @@
-"""plexus/planner.py and the sizes in plexus/plan.py: size parsing, budgets, usable memory, the
+"""plexus/parallel/pool.py and the sizes in plexus/parallel/plan.py: size parsing, budgets, usable memory, the
 fit check and its message, and the ``plexus plan`` command (no MPI, no weights read).
 
 Expected values come from outside the code under test: published parameter counts of
@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from plexus.models.config import ModelConfig
+from plexus.commands.plan import make_plan, parse_rank_spec
 from plexus.errors import PlexusError
+from plexus.models.config import ModelConfig
+from plexus.parallel.memory import usable_memory
 from plexus.parallel.plan import ShardPlan
-from plexus.parallel.pool import (PoolPlan, format_size, make_plan, parse_budgets, parse_rank_spec, parse_size,
-                            parse_split, split_weights, usable_memory)
+from plexus.parallel.pool import PoolPlan, split_weights
+from plexus.parallel.sizes import format_size, parse_budgets, parse_size, parse_split
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 2**30

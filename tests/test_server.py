@@ -19,9 +19,10 @@ import pytest
 
 from plexus.engine.engine import Engine
 from plexus.errors import PlexusError
+from plexus.serve.app import create_app
+from plexus.serve.http import HttpServer
 from plexus.serve.openai_api import APIError, parse_chat, parse_completion, parse_json
 from plexus.serve.scheduler import FAILED, STOPPING, Scheduler
-from plexus.serve.app import HttpServer, create_app
 
 pytestmark = pytest.mark.timeout(60)
 

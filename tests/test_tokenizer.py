@@ -10,8 +10,8 @@ import shutil
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
-from plexus.errors import PlexusError
 from plexus.engine.tokenizer import IncrementalDecoder, Tokenizer
+from plexus.errors import PlexusError
 from tests.helpers import plexus_cmd, run
 
 

@@ -1,4 +1,5 @@
-"""Reading a Hugging Face checkpoint: each rank reads only its own slices.
+"""Reading a Hugging Face checkpoint: each rank reads only its own slices (plexus.engine.build
+puts them into the model).
 
 Files are opened with ``safe_open`` and sliced with ``get_slice``, one tensor at a time, and
 closed again, so a rank's memory holds its share plus at most one tensor's file pages. Pickle
@@ -12,16 +13,15 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
-from plexus.parallel.comm import Communicator
-from plexus.models.config import ModelConfig
 from plexus.errors import PlexusError
-from plexus.models.llama import CausalLM
-from plexus.parallel.plan import ShardPlan
+
+if TYPE_CHECKING:  # the sizes it reads; a checkpoint is read, never built into a model, here
+    from plexus.models.config import ModelConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 READ_BLOCK_BYTES = 4 * 2**20  # large slices are copied into place in blocks of about this size
@@ -163,30 +163,3 @@ class CheckpointReader:
             raise PlexusError(f"{path.name}: cannot read tensor {name} ({e})") from None
         self.bytes_read += t.numel() * t.element_size()
         return t
-
-
-def load_model(model_dir: str | Path, config: ModelConfig, plan: ShardPlan, comm: Communicator,
-               max_context: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-               progress: Callable[[int], None] | None = None) -> CausalLM:
-    """Build this rank's shard of the model and fill it from the checkpoint.
-
-    Every rank calls this; any rank's failure is raised on all ranks (one collective at the end).
-    """
-    model, error = None, None
-    try:
-        reader = CheckpointReader(model_dir, config)
-        with torch.no_grad():
-            model = CausalLM(config, plan, comm, max_context, dtype, device)
-            for module in model.modules():
-                if hasattr(module, "load"):
-                    before = reader.bytes_read
-                    module.load(reader)
-                    if progress is not None:
-                        progress(reader.bytes_read - before)
-    except PlexusError as e:
-        error = str(e)
-    except (OSError, RuntimeError) as e:
-        error = f"{model_dir}: loading failed: {e}".splitlines()[0]
-    comm.agree(error)
-    model.eval()
-    return model

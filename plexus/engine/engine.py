@@ -15,15 +15,15 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from plexus.parallel.comm import Communicator
-from plexus.models.config import ModelConfig, resolve_dtype
+from plexus.engine.build import load_model
+from plexus.engine.sampling import Sampler, SamplingParams
 from plexus.errors import PlexusError
-from plexus.checkpoint.reader import load_model
 from plexus.log import get_logger
+from plexus.models.config import ModelConfig, resolve_dtype
 from plexus.models.llama import CausalLM
+from plexus.parallel.comm import Communicator
 from plexus.parallel.plan import ShardPlan
 from plexus.parallel.pool import agree_pool_plan
-from plexus.engine.sampling import Sampler, SamplingParams
 
 DEFAULT_MAX_CONTEXT = 4096  # caps the preallocated KV cache for long-context checkpoints
 

@@ -15,10 +15,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from plexus.parallel.comm import Communicator, check_world, launcher_rank
-from plexus.parallel.devices import allowed_cpus, cpu_threads, device_info, node_local_rank, select_device
 from plexus.errors import PlexusError
 from plexus.log import get_logger, setup_logging
+from plexus.parallel.comm import Communicator, check_world, launcher_rank
+from plexus.parallel.devices import allowed_cpus, cpu_threads, device_info, node_local_rank, select_device
 
 PROGRESS_ENVVAR = "PLEXUS_PROGRESS"  # 1: always show the load bar, 0: never; unset: on a terminal
 

@@ -1,4 +1,4 @@
-"""The fused decode kernel (plexus/csrc/decode.c), float32, bfloat16 and float16: build, load, run it.
+"""The fused decode kernel (plexus/models/csrc/decode.c), float32, bfloat16 and float16: build, load, run it.
 
 A decode step on the CPU is memory-bound: it should cost the time to stream the rank's weights
 once. Eager torch adds ~25 small dispatched ops per layer, each run cache-cold after the weight
@@ -34,6 +34,8 @@ import torch
 from plexus.errors import MeshBroken
 from plexus.files import apply_umask
 from plexus.log import get_logger
+from plexus.parallel.hostmem import host_empty
+from plexus.parallel.sizes import format_size
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -248,8 +250,6 @@ class FusedDecoder:
         longer wait for the slowest rank. Not done where a rank's plan leaves it less than that
         to spare (``spare_bytes``: its budget or usable memory less its weights and KV cache;
         None: unknown), or with PLEXUS_TAKE_ROWS=0."""
-        from plexus.models.layers import host_empty  # (plexus.models.layers imports this module)
-        from plexus.parallel.pool import format_size
 
         comm, hidden = self.comm, model.config.hidden_size
         a, mlp, head = model.layers[0].self_attn, model.layers[0].mlp, model.lm_head.weight

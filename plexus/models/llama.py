@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plexus.parallel.comm import Communicator
 from plexus.models.config import ModelConfig
 from plexus.models.kernels import FusedDecoder
 from plexus.models.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
-                           VocabParallelEmbedding, host_empty)
+                                  VocabParallelEmbedding)
+from plexus.parallel.comm import Communicator
+from plexus.parallel.hostmem import host_empty
 from plexus.parallel.plan import RankShard, ShardPlan
 
 
@@ -195,7 +196,7 @@ class CausalLM(nn.Module):
 
     def allocate_cache(self, max_batch: int = 1) -> None:
         """Preallocate the KV cache; with weights and cache in place, build the fused decode
-        step where it applies (float32, bfloat16 or float16 on the CPU, see plexus/kernels.py)."""
+        step where it applies (float32, bfloat16 or float16 on the CPU, see plexus/models/kernels.py)."""
         for layer in self.layers:
             layer.self_attn.allocate_cache(max_batch, self.max_context)
         self.fused = FusedDecoder.for_model(self)
@@ -204,7 +205,7 @@ class CausalLM(nn.Module):
         """ids (B, T) at positions start.. -> float32 logits (B, T or 1, vocab) on rank 0, None elsewhere."""
         if self.fused is not None and ids.shape == (1, 1):
             # one new token (a decode step): all of the below, collectives included, in the fused
-            # C kernel (plexus/kernels.py)
+            # C kernel (plexus/models/kernels.py)
             return self.fused(int(ids), start)
         x = self.embed_tokens(ids)  # (B, T, hidden)
         cos, sin = self.rope.tables(start, ids.shape[1], x.dtype)

@@ -13,10 +13,28 @@ rank keeps a copy of the KV heads its query heads use.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
-from plexus.models.config import ModelConfig
 from plexus.errors import PlexusError
+
+class ModelShape(Protocol):
+    """What a plan needs to know of a model: its sizes (plexus.models.config.ModelShape has
+    them; the plan does not depend on how a model is built)."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    group_size: int
+    attention_bias: bool
+    tie_word_embeddings: bool
+
+    def num_parameters(self) -> int: ...
+
 
 MLP_GRANULARITY = 64  # MLP columns move between ranks in blocks of this many when sizes allow
 
@@ -76,7 +94,7 @@ class RankShard:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    config: ModelConfig
+    config: ModelShape
     weights: tuple[float, ...]
     shards: tuple[RankShard, ...]
 
@@ -92,7 +110,7 @@ class ShardPlan:
         return [s.vocab for s in self.shards]
 
     @classmethod
-    def build(cls, config: ModelConfig, weights: Sequence[float]) -> "ShardPlan":
+    def build(cls, config: ModelShape, weights: Sequence[float]) -> "ShardPlan":
         n = len(weights)
         c = config
         if n > c.num_heads:
@@ -112,7 +130,7 @@ class ShardPlan:
         return cls(config, tuple(float(w) for w in weights), shards)
 
     @classmethod
-    def even(cls, config: ModelConfig, world_size: int) -> "ShardPlan":
+    def even(cls, config: ModelShape, world_size: int) -> "ShardPlan":
         return cls.build(config, [1.0] * world_size)
 
     # ---- who owns what, for logs and `plexus plan` ---------------------------------------

@@ -1,24 +1,20 @@
-"""The HTTP side of ``plexus serve`` (rank 0 only): an OpenAI-compatible Flask app, the
-waitress server it runs under, and the ``serve`` command.
+"""The OpenAI-compatible Flask app of ``plexus serve`` (rank 0 only).
 
-``create_app`` takes a Scheduler (plexus.serve.scheduler) and nothing MPI-specific, so the app is
-tested with ``app.test_client()`` and a fake engine; ``plexus.serve.lifecycle`` wires it to the ranks.
+``create_app`` takes a Scheduler (plexus.serve.scheduler) and nothing MPI-specific, so the app
+is tested with ``app.test_client()`` and a fake engine; plexus.serve.lifecycle wires it to the
+ranks and plexus.serve.http runs it under waitress.
 """
 
 from __future__ import annotations
 
 import hmac
 import queue
-import threading
-import time
 from dataclasses import replace
 
-import click
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from plexus import __version__
-from plexus.commands.main import common_engine_options
 from plexus.errors import PlexusError
 from plexus.log import get_logger
 from plexus.serve.openai_api import (APIError, chunk, model_card, new_id, now, parse_chat, parse_completion,
@@ -222,130 +218,3 @@ def _wait_for(job: Job, kinds: tuple[str, ...]):
             raise value
         if what in kinds:
             return value
-
-
-# ---- waitress ---------------------------------------------------------------------------------
-
-class HttpServer:
-    """waitress (a threaded production WSGI server) on its own thread. Binding happens in the
-    constructor, so a busy port fails before the model is loaded."""
-
-    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 8000, threads: int = 64,
-                 max_body_bytes: int = DEFAULT_MAX_BODY):
-        from waitress.server import create_server
-
-        self._active, self._lock = 0, threading.Lock()
-        # waitress refuses (with its own plain-text 413) only bodies far over the limit, so
-        # that moderately oversized ones reach Flask and get the JSON error
-        self.server = create_server(self._wsgi(app), host=host, port=port, threads=threads, ident="plexus",
-                                    channel_request_lookahead=2,  # lets a handler see its client leave
-                                    max_request_body_size=4 * max_body_bytes + 65536)
-        listen = getattr(self.server, "effective_listen", None) or [
-            (self.server.effective_host, self.server.effective_port)]
-        self.host, self.port = listen[0][0], int(listen[0][1])
-        shown = f"[{self.host}]" if ":" in self.host else self.host
-        self.url = f"http://{shown}:{self.port}"
-
-    def _wsgi(self, app):
-        """Count requests in progress (until their body is fully written), for a clean exit."""
-        def wsgi(environ, start_response):
-            with self._lock:
-                self._active += 1
-            try:
-                body = app(environ, start_response)
-            except BaseException:
-                self._done()
-                raise
-            return _Closing(body, self._done)
-        return wsgi
-
-    def _done(self):
-        with self._lock:
-            self._active -= 1
-
-    def start(self) -> None:
-        threading.Thread(target=self.server.run, name="plexus-http", daemon=True).start()
-
-    def stop_accepting(self) -> None:
-        """Close the listening socket(s) from waitress's own loop thread; requests in progress
-        (and their connections) carry on."""
-        from waitress import wasyncore
-        from waitress.server import BaseWSGIServer
-
-        smap = getattr(self.server, "map", None) or self.server._map
-        listeners = [d for d in list(smap.values()) if isinstance(d, BaseWSGIServer)]
-        if listeners:
-            listeners[0].trigger.pull_trigger(lambda: [wasyncore.dispatcher.close(d) for d in listeners])
-
-    def wait_idle(self, timeout: float, linger: float = 0.05) -> bool:
-        """Wait until no request is in progress; then ``linger`` for the last bytes to leave
-        (waitress's loop thread sends what a handler could not)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            with self._lock:
-                if self._active <= 0:
-                    break
-            time.sleep(0.005)
-        time.sleep(linger)
-        return self._active <= 0
-
-
-class _Closing:
-    """A WSGI body that calls ``done`` once it is closed (waitress always closes it)."""
-
-    def __init__(self, body, done):
-        self.body, self.done, self.closed = body, done, False
-
-    def __iter__(self):
-        return iter(self.body)
-
-    def close(self):
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            if hasattr(self.body, "close"):
-                self.body.close()
-        finally:
-            self.done()
-
-
-# ---- the command -------------------------------------------------------------------------------
-
-@click.command()
-@common_engine_options
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (rank 0).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
-              help="Port to listen on; 0 picks a free one (the startup line shows it).")
-@click.option("--api-key", envvar="PLEXUS_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' on /v1/* (default: $PLEXUS_API_KEY; none: open).")
-@click.option("--served-model-name", default=None, help="Model id clients send (default: the directory's name).")
-@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=DEFAULT_MAX_BODY, show_default=True,
-              help="Larger request bodies get 413.")
-@click.option("--http-threads", type=click.IntRange(min=8), default=64, show_default=True,
-              help="HTTP worker threads; each waiting request holds one (4 stay free for /health).")
-@click.option("--drain-timeout", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="On a drain (SIGTERM/SIGINT to rank 0 or launch/serve.sh, SIGUSR1 to mpirun), seconds "
-                   "to finish in-flight requests before cancelling them.")
-@click.option("--stall-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
-              help="Declare the mesh dead when a step makes no progress this long (0: never).")
-def serve(model, dtype, device, threads, max_context, split, max_memory, verbose, host, port, api_key,
-          served_model_name, max_body_bytes, http_threads, drain_timeout, stall_timeout):
-    """Serve an OpenAI-compatible HTTP API from rank 0 (run under mpirun; see docs/api.md)."""
-    from plexus.engine.runtime import run_guarded, start
-    from plexus.serve.lifecycle import ServeOptions, run_serve
-
-    opts = ServeOptions(model=model, dtype=dtype, max_context=max_context, split=split, max_memory=max_memory,
-                        host=host, port=port, api_key=api_key or None, served_model_name=served_model_name,
-                        max_body_bytes=max_body_bytes, http_threads=http_threads, drain_timeout=drain_timeout,
-                        stall_timeout=stall_timeout)
-    state = {}
-
-    def body():
-        from plexus.serve.lifecycle import install_signal_handlers
-
-        signals = install_signal_handlers()  # first: a signal during start-up must not kill a rank
-        rt = state["rt"] = start(device, threads, verbose)
-        return run_serve(rt, opts, signals)
-
-    run_guarded(body, lambda: state["rt"].comm if "rt" in state else None)

@@ -125,9 +125,10 @@ def install_signal_handlers() -> Signals:
 def run_serve(rt, opts: ServeOptions, signals: Signals) -> int:
     from plexus.engine.engine import Engine
     from plexus.engine.runtime import load_progress, log_rank_table, resolve_model_dir
-    from plexus.serve.scheduler import Scheduler
-    from plexus.serve.app import HttpServer, create_app
     from plexus.engine.tokenizer import Tokenizer
+    from plexus.serve.app import create_app
+    from plexus.serve.http import HttpServer
+    from plexus.serve.scheduler import Scheduler
 
     comm, log = rt.comm, rt.log
     t0 = time.monotonic()

@@ -16,11 +16,11 @@ import threading
 import time
 from typing import Callable
 
+from plexus.engine.sampling import SamplingParams
 from plexus.errors import MeshBroken, PlexusError
 from plexus.log import get_logger
 from plexus.serve.metrics import ServerMetrics
 from plexus.serve.openai_api import APIError, unavailable
-from plexus.engine.sampling import SamplingParams
 
 LOADING, OK, STOPPING, FAILED = "loading", "ok", "stopping", "failed"
 
@@ -240,7 +240,7 @@ class Scheduler:
         self._busy_since = self._progress = time.monotonic()
         try:
             return fn()
-        except MeshBroken as e:  # a peer rank on this node died or stalled (plexus/kernels.py)
+        except MeshBroken as e:  # a peer rank on this node died or stalled (plexus/models/kernels.py)
             self.fail(f"{e}; a rank has probably died", "mpi")
             raise _MeshFailure() from e
         except PlexusError:

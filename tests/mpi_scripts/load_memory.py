@@ -24,8 +24,8 @@ def status_kb(field: str) -> int:
 def main(model_dir: str, out_path: str) -> None:
     import torch
 
-    from plexus.parallel.comm import Communicator
     from plexus.engine.engine import Engine
+    from plexus.parallel.comm import Communicator
 
     comm = Communicator()
     torch.set_num_threads(1)

@@ -18,9 +18,9 @@ import json
 import torch
 from _abort import run  # this folder (the script's own) is on sys.path
 
-from plexus.parallel.comm import Communicator
 from plexus.engine.engine import Engine
 from plexus.engine.sampling import SamplingParams
+from plexus.parallel.comm import Communicator
 
 
 def main(jobs_path: str, out_path: str) -> None:

@@ -22,10 +22,10 @@ import os
 import torch
 from _abort import run  # this folder (the script's own) is on sys.path
 
-from plexus.models import kernels
-from plexus.parallel.comm import Communicator
 from plexus.engine.engine import Engine
 from plexus.log import setup_logging
+from plexus.models import kernels
+from plexus.parallel.comm import Communicator
 
 STEPS = 40
 ROWS_PER_BLOCK = 8  # decode.c's ROWS: the unit ranks claim

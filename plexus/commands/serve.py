@@ -1,0 +1,46 @@
+"""``plexus serve``: the options; plexus.serve.lifecycle does the rest on every rank."""
+
+from __future__ import annotations
+
+import click
+
+from plexus.commands.common import common_engine_options
+from plexus.serve.app import DEFAULT_MAX_BODY
+
+@click.command()
+@common_engine_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (rank 0).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on; 0 picks a free one (the startup line shows it).")
+@click.option("--api-key", envvar="PLEXUS_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1/* (default: $PLEXUS_API_KEY; none: open).")
+@click.option("--served-model-name", default=None, help="Model id clients send (default: the directory's name).")
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=DEFAULT_MAX_BODY, show_default=True,
+              help="Larger request bodies get 413.")
+@click.option("--http-threads", type=click.IntRange(min=8), default=64, show_default=True,
+              help="HTTP worker threads; each waiting request holds one (4 stay free for /health).")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="On a drain (SIGTERM/SIGINT to rank 0 or launch/serve.sh, SIGUSR1 to mpirun), seconds "
+                   "to finish in-flight requests before cancelling them.")
+@click.option("--stall-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Declare the mesh dead when a step makes no progress this long (0: never).")
+def serve(model, dtype, device, threads, max_context, split, max_memory, verbose, host, port, api_key,
+          served_model_name, max_body_bytes, http_threads, drain_timeout, stall_timeout):
+    """Serve an OpenAI-compatible HTTP API from rank 0 (run under mpirun; see docs/api.md)."""
+    from plexus.engine.runtime import run_guarded, start
+    from plexus.serve.lifecycle import ServeOptions, run_serve
+
+    opts = ServeOptions(model=model, dtype=dtype, max_context=max_context, split=split, max_memory=max_memory,
+                        host=host, port=port, api_key=api_key or None, served_model_name=served_model_name,
+                        max_body_bytes=max_body_bytes, http_threads=http_threads, drain_timeout=drain_timeout,
+                        stall_timeout=stall_timeout)
+    state = {}
+
+    def body():
+        from plexus.serve.lifecycle import install_signal_handlers
+
+        signals = install_signal_handlers()  # first: a signal during start-up must not kill a rank
+        rt = state["rt"] = start(device, threads, verbose)
+        return run_serve(rt, opts, signals)
+
+    run_guarded(body, lambda: state["rt"].comm if "rt" in state else None)
