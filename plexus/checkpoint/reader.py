@@ -13,15 +13,11 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from plexus.errors import PlexusError
-
-if TYPE_CHECKING:  # the sizes it reads; a checkpoint is read, never built into a model, here
-    from plexus.models.config import ModelConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 READ_BLOCK_BYTES = 4 * 2**20  # large slices are copied into place in blocks of about this size
@@ -79,8 +75,10 @@ def read_header(path: Path) -> dict:
     return header
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor Plexus reads, with its full (unsharded) shape."""
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every tensor Plexus reads, with its full (unsharded) shape, from the sizes in ``config``
+    (a plexus.models.config.ModelConfig: this package reads checkpoints and never imports the
+    models)."""
     c = config
     h, d, i = c.hidden_size, c.head_dim, c.intermediate_size
     shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
@@ -106,7 +104,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 class CheckpointReader:
     """Finds each tensor's file from the headers and reads slices of it."""
 
-    def __init__(self, model_dir: str | Path, config: ModelConfig):
+    def __init__(self, model_dir: str | Path, config):
         self.files = checkpoint_files(model_dir)
         self.location: dict[str, tuple[Path, list[int]]] = {}
         self.nbytes: dict[str, int] = {}  # in the file
