@@ -62,8 +62,8 @@ def check_requests(requests: list[dict], max_tokens: int, config, max_context: i
 
 
 def check_output_path(output: str | None) -> None:
-    """--output can be written (checked before loading; an existing file is left as it is until
-    the first result is ready)."""
+    """--output can be written: checked before loading, while an existing file there is left as
+    it is until the model has loaded and the prompts start to run."""
     if output is None:
         return
     path = Path(output)
