@@ -100,12 +100,11 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
     error = None
     if comm.rank == 0:  # the prompt and new tokens fit the context: known before any weight is read
         try:
-            from plexus.engine.engine import check_request, context_length
+            from plexus.engine.engine import check_prompts
             from plexus.models.config import ModelConfig
 
             config = ModelConfig.from_dir(model_dir)
-            check_request(prompt_token_ids(prompt_tokens, config.vocab_size), new_tokens,
-                          context_length(config, max_context), config.vocab_size)
+            check_prompts([prompt_token_ids(prompt_tokens, config.vocab_size)], new_tokens, config, max_context)
         except PlexusError as e:
             error = str(e)
     comm.agree(error)

@@ -49,18 +49,6 @@ def read_requests(tokenizer, prompt: str | None, prompts_file: str | None, chat:
     return out
 
 
-def check_requests(requests: list[dict], max_tokens: int, config, max_context: int | None) -> None:
-    """Rank 0, before any weight is read: every prompt fits the context and the vocabulary."""
-    from plexus.engine.engine import check_request, context_length
-
-    ctx = context_length(config, max_context)
-    for n, req in enumerate(requests, 1):
-        try:
-            check_request(req["ids"], max_tokens, ctx, config.vocab_size)
-        except PlexusError as e:
-            raise PlexusError(f"prompt {n}: {e}" if len(requests) > 1 else str(e)) from None
-
-
 def check_output_path(output: str | None) -> None:
     """--output can be written: checked before loading, while an existing file there is left as
     it is until the model has loaded and the prompts start to run."""
@@ -78,7 +66,7 @@ def check_output_path(output: str | None) -> None:
 
 def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output,
                  split="memory", max_memory=None) -> int:
-    from plexus.engine.engine import Engine
+    from plexus.engine.engine import Engine, check_prompts
     from plexus.engine.runtime import load_progress, log_rank_table, resolve_model_dir
     from plexus.engine.tokenizer import Tokenizer
     from plexus.models.config import ModelConfig
@@ -92,7 +80,7 @@ def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_conte
             config = ModelConfig.from_dir(model_dir)
             tokenizer = Tokenizer(model_dir)
             requests = read_requests(tokenizer, prompt, prompts_file, chat)
-            check_requests(requests, params.max_tokens, config, max_context)
+            check_prompts([r["ids"] for r in requests], params.max_tokens, config, max_context)
     except PlexusError as e:
         error = str(e)
     comm.agree(error)

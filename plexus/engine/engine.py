@@ -56,6 +56,17 @@ def check_request(prompt_ids: list[int], max_tokens: int, max_context: int, voca
         raise PlexusError(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})")
 
 
+def check_prompts(prompts: list[list[int]], max_tokens: int, config: ModelConfig, max_context: int | None) -> None:
+    """Before any weight is read: every prompt of a run fits the context (--max-context, itself
+    checked against the model) and the vocabulary; with several, the error says which."""
+    ctx = context_length(config, max_context)
+    for n, ids in enumerate(prompts, 1):
+        try:
+            check_request(ids, max_tokens, ctx, config.vocab_size)
+        except PlexusError as e:
+            raise PlexusError(f"prompt {n}: {e}" if len(prompts) > 1 else str(e)) from None
+
+
 @dataclass
 class Completion:
     prompt_token_ids: list[int]

@@ -3,7 +3,7 @@
 Rank 0 binds the port first (so ``/health`` answers "loading" while the weights load), loads
 its shard with the others, then hands requests to the Scheduler's engine thread while its main
 thread waits for signals. The other ranks load their shards and follow rank 0 in
-``Engine.worker_loop``; they never listen on a port, and they ignore SIGTERM/SIGINT: rank 0
+``Engine.worker_loop``; they never listen on a port, and they ignore SIGTERM/SIGINT/SIGUSR1: rank 0
 tells them when to go, so a forwarded signal cannot kill one in the middle of a collective.
 
 Endings (details and the reasons in docs/api.md):
