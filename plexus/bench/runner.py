@@ -80,7 +80,7 @@ def prompt_token_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
 # ---- the phases -------------------------------------------------------------------------------
 
 def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, baseline, probe_mib,
-              split="memory", max_memory=None, vs_one_rank=False) -> dict | None:
+              split="memory", max_memory=None, vs_one_rank=False, quantize=None, quant_group=128) -> dict | None:
     """Every rank: run the phases; rank 0 returns the report, the others None."""
     from plexus.engine.engine import Engine
     from plexus.engine.runtime import load_progress
@@ -113,7 +113,8 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
     t0 = time.perf_counter()
     with load_progress(rt, model_dir) as progress:
         engine = Engine.load(model_dir, comm, dtype, rt.device, max_context,
-                             progress=progress, split=split, max_memory=max_memory)
+                             progress=progress, split=split, max_memory=max_memory, quantize=quantize,
+                             quant_group=quant_group)
     comm.barrier()  # loaded means every rank has its shard
     load_s = time.perf_counter() - t0
     engine.eos_token_ids = frozenset()  # exactly new_tokens steps: the bench never stops at EOS

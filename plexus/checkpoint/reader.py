@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from plexus.errors import PlexusError
+from plexus.quant.qweight import QuantWeight, quantize
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 READ_BLOCK_BYTES = 4 * 2**20  # large slices are copied into place in blocks of about this size
@@ -102,9 +103,15 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
 
 
 class CheckpointReader:
-    """Finds each tensor's file from the headers and reads slices of it."""
+    """Finds each tensor's file from the headers and reads slices of it.
 
-    def __init__(self, model_dir: str | Path, config):
+    ``read_linear`` is how a parallel layer reads a linear weight (``prefix`` without
+    ``.weight``): as the checkpoint stores it — a dense tensor, or a pre-quantized one converted
+    into a QuantWeight by ``quant_format`` (from config.json's quantization_config) — or, with
+    ``quant`` = (bits, group) (--quantize), a dense slice quantized as soon as it is read, so a
+    rank never holds more than one tensor's slice in 16 or 32 bits."""
+
+    def __init__(self, model_dir: str | Path, config, quant: tuple[int, int] | None = None, quant_format=None):
         self.files = checkpoint_files(model_dir)
         self.location: dict[str, tuple[Path, list[int]]] = {}
         self.nbytes: dict[str, int] = {}  # in the file
@@ -114,6 +121,21 @@ class CheckpointReader:
                 self.nbytes[name] = info["data_offsets"][1] - info["data_offsets"][0]
         self.expected = expected_shapes(config)
         self.bytes_read = 0
+        self.quant, self.quant_format = quant, quant_format
+
+    def read_linear(self, prefix: str, dim: int | None = None, start: int = 0,
+                    end: int | None = None) -> "torch.Tensor | QuantWeight":
+        """Linear weight ``prefix``.weight, or rows (dim 0) / input columns (dim 1) [start, end)
+        of it."""
+        if self.quant_format is not None:
+            return self.quant_format.read_linear(self, prefix, dim, start, end)
+        w = self.read(f"{prefix}.weight", dim, start, end)
+        if self.quant is None:
+            return w
+        bits, group = self.quant
+        if dim == 1 and start % group:
+            raise PlexusError(f"{prefix}.weight: columns from {start} do not start a quantization group of {group}")
+        return quantize(w, bits, group)
 
     def _locate(self, name: str) -> tuple[Path, list[int]]:
         if name not in self.location:

@@ -28,7 +28,7 @@ from plexus.commands.common import common_engine_options
               help="Size of each rank's bandwidth-probe matrix.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(model, dtype, device, threads, max_context, split, max_memory, verbose, preset, prompt_tokens,
-          new_tokens, baseline, vs_one_rank, probe_mib, as_json):
+          new_tokens, baseline, vs_one_rank, probe_mib, as_json, quantize, quant_group):
     """Measure load time, time to first token, prefill and decode speed, memory, and decode's
     fraction of the memory-bandwidth floor (run under mpirun for several ranks). Without --model
     or --preset it benches the 'bench' demo model. See docs/benchmarks.md."""
@@ -39,7 +39,7 @@ def bench(model, dtype, device, threads, max_context, split, max_memory, verbose
     def body():
         rt = state["rt"] = start(device, threads, verbose)
         report = run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, baseline, probe_mib,
-                           split, max_memory, vs_one_rank)
+                           split, max_memory, vs_one_rank, quantize, quant_group)
         if report is not None:
             click.echo(json.dumps(report) if as_json else format_report(report))
         return 0

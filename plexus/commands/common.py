@@ -31,6 +31,12 @@ def common_engine_options(f=None, *, model_default: str = "the embedded tiny dem
                      help="Memory budget for weights + KV cache: one size for every rank (6GiB) or one per "
                           "rank (12GiB,8GiB,6GiB); units B, KiB, MiB, GiB, TiB (powers of 1024) or KB, MB, "
                           "GB, TB (powers of 1000)."),
+        click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+                     help="Quantize a 16/32-bit checkpoint's layer weights as it loads (round to nearest, "
+                          "groups along the input); the compute dtype stays --dtype. See docs/quantization.md."),
+        click.option("--quant-group", type=click.IntRange(min=16), default=128, show_default=True,
+                     help="Input columns per quantization group for --quantize (a multiple of 32 for int4, of 16 "
+                          "for int8; a smaller group splits over more ranks)."),
         click.option("-v", "--verbose", is_flag=True, help="More log output."),
     ]):
         f = opt(f)

@@ -65,7 +65,7 @@ def check_output_path(output: str | None) -> None:
 
 
 def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output,
-                 split="memory", max_memory=None) -> int:
+                 split="memory", max_memory=None, quantize=None, quant_group=128) -> int:
     from plexus.engine.engine import Engine, check_prompts
     from plexus.engine.runtime import load_progress, log_rank_table, resolve_model_dir
     from plexus.engine.tokenizer import Tokenizer
@@ -88,7 +88,7 @@ def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_conte
     with load_progress(rt, model_dir) as progress:
         engine = Engine.load(model_dir, comm, dtype, rt.device, max_context,
                              eos_token_ids=tokenizer.eos_token_ids if tokenizer else frozenset(), progress=progress,
-                             split=split, max_memory=max_memory)
+                             split=split, max_memory=max_memory, quantize=quantize, quant_group=quant_group)
     log_rank_table(rt, engine)
     if comm.rank != 0:
         engine.worker_loop()
@@ -142,8 +142,7 @@ def _run_requests(engine, tokenizer, requests, params, as_json, output) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
 @click.option("--output", default=None, help="Write JSON lines to this file instead of stdout.")
 def generate(model, dtype, device, threads, max_context, split, max_memory, verbose, prompt, prompts_file, chat,
-             max_tokens,
-             temperature, top_p, top_k, seed, stop, as_json, output):
+             max_tokens, temperature, top_p, top_k, seed, stop, as_json, output, quantize, quant_group):
     """Generate text from a prompt or a JSONL file of prompts (run under mpirun)."""
     from plexus.engine.runtime import run_guarded, start
     from plexus.engine.sampling import SamplingParams
@@ -154,6 +153,6 @@ def generate(model, dtype, device, threads, max_context, split, max_memory, verb
         rt = state["rt"] = start(device, threads, verbose)
         params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop))
         return run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output,
-                            split, max_memory)
+                            split, max_memory, quantize, quant_group)
 
     run_guarded(body, lambda: state["rt"].comm if "rt" in state else None)

@@ -91,7 +91,7 @@ class Engine:
     def load(cls, model_dir: str | Path, comm: Communicator, dtype: str | None = None, device: str = "cpu",
              max_context: int | None = None, weights: list[float] | None = None,
              eos_token_ids: frozenset[int] = frozenset(), progress=None, split="memory",
-             max_memory=None, max_batch: int = 1) -> "Engine":
+             max_memory=None, max_batch: int = 1, quantize: str | None = None, quant_group: int = 128) -> "Engine":
         """Read the config, agree on one plan, and load this rank's shard on every rank.
 
         ``split``: "even", "memory" or per-rank weights (``weights`` is the same, older spelling);

@@ -43,6 +43,8 @@ class ModelConfig:
     torch_dtype: str
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...] = field(default=())
+    # config.json's quantization_config as written (a pre-quantized checkpoint), else None
+    quantization_config: dict | None = field(default=None, compare=False, hash=False)
 
     @property
     def group_size(self) -> int:
@@ -104,7 +106,7 @@ class ModelConfig:
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
-            **cfg_fields)
+            quantization_config=d.get("quantization_config") or None, **cfg_fields)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":

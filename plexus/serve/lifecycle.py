@@ -56,6 +56,8 @@ class ServeOptions:
     http_threads: int
     drain_timeout: float
     stall_timeout: float
+    quantize: str | None = None
+    quant_group: int = 128
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -155,7 +157,8 @@ def run_serve(rt, opts: ServeOptions, signals: Signals) -> int:
     with load_progress(rt) as progress:
         engine = Engine.load(model_dir, comm, opts.dtype, rt.device, opts.max_context,
                              eos_token_ids=tokenizer.eos_token_ids if tokenizer else frozenset(),
-                             progress=progress, split=opts.split, max_memory=opts.max_memory)
+                             progress=progress, split=opts.split, max_memory=opts.max_memory,
+                             quantize=opts.quantize, quant_group=opts.quant_group)
     log_rank_table(rt, engine)
     if comm.rank != 0:
         return _worker_main(engine, log)

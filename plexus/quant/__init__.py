@@ -1,0 +1,1 @@
+"""Quantized weights: one representation (qweight) that every format converts into."""
