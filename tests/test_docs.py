@@ -141,7 +141,8 @@ def test_the_reader_finds_the_commands():
     """What the other tests read: the README's commands are among them; a shell line splits
     into its programs with their own arguments."""
     subs = {p for text in documents().values() for ln in fenced_lines(text) for p, _ in segments(ln)}
-    assert {"plexus generate", "plexus serve", "plexus plan", "plexus bench", "plexus demo-model"} <= subs, subs
+    assert {"plexus generate", "plexus serve", "plexus plan", "plexus bench", "plexus demo-model",
+            "plexus perplexity"} <= subs, subs
     assert segments("mpirun -n 2 --bind-to none plexus generate --model DIR --prompt 'a b' > out.txt  # c") == [
         ("mpirun", ["-n", "2", "--bind-to", "none"]), ("plexus generate", ["--model", "DIR", "--prompt", "a b"])]
     assert segments("launch/serve.sh --hostfile h -- --model m [--port 8000]") == [
@@ -200,9 +201,9 @@ def test_every_documented_option_belongs_to_its_command():
     assert not failures, "\n".join(sorted(set(failures)))
 
 
-@pytest.mark.parametrize("sub", ["generate", "serve", "bench", "plan"])
+@pytest.mark.parametrize("sub", ["generate", "serve", "bench", "plan", "perplexity"])
 def test_each_command_documents_its_options(sub):
-    """Every option of generate, serve, bench and plan is named somewhere in the docs (by any
+    """Every option of generate, serve, bench, plan and perplexity is named somewhere in the docs (by any
     of its spellings)."""
     text = "\n".join(documents().values())
     words_in_docs = set(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", text))

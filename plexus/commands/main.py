@@ -54,7 +54,8 @@ class LazyGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
     lazy = {"generate": "plexus.commands.generate:generate", "serve": "plexus.commands.serve:serve",
-            "plan": "plexus.commands.plan:plan", "bench": "plexus.commands.bench:bench"}
+            "plan": "plexus.commands.plan:plan", "bench": "plexus.commands.bench:bench",
+            "perplexity": "plexus.commands.perplexity:perplexity"}
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))

@@ -26,6 +26,9 @@ from plexus.parallel.plan import ShardPlan
 from plexus.parallel.pool import agree_pool_plan
 
 DEFAULT_MAX_CONTEXT = 4096  # caps the preallocated KV cache for long-context checkpoints
+# positions per forward pass when scoring a window: bounds the logits gathered on rank 0 (and
+# their float64 log-softmax) to SCORE_CHUNK x vocab, whatever the window's length
+SCORE_CHUNK = 256
 
 
 def context_length(config: ModelConfig, max_context: int | None) -> int:
@@ -190,6 +193,33 @@ class Engine:
         result.text = decoder.text
         return result
 
+    def score(self, ids: list[int]) -> tuple[float, int]:
+        """Rank 0: one window scored from position 0 (the KV cache is overwritten): the float64
+        sum of -log p(ids[t+1] | ids[:t+1]) over every t, and how many tokens that is
+        (len(ids) - 1: the first token is context only)."""
+        if not 2 <= len(ids) <= self.max_context:
+            raise PlexusError(f"a window to score needs 2 to {self.max_context} tokens, got {len(ids)}")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise PlexusError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+        self.comm.bcast_obj({"op": "score", "ids": list(ids)})
+        return self._score(ids), len(ids) - 1
+
+    @torch.inference_mode()
+    def _score(self, ids: list[int]) -> float:
+        """Every rank: the window's forward passes, SCORE_CHUNK positions at a time over ids[:-1]
+        (the last token is only a target); rank 0 sums the negative log-likelihoods (0 elsewhere)."""
+        total, inputs = 0.0, ids[:-1]
+        for start in range(0, len(inputs), SCORE_CHUNK):
+            chunk = inputs[start:start + SCORE_CHUNK]
+            logits = self.model(torch.tensor([chunk], device=self.device), start, last_only=False)
+            if logits is not None:  # rank 0: (1, len(chunk), vocab)
+                logits = logits[0].cpu() if logits.device.type == "mps" else logits[0]  # mps has no float64
+                targets = torch.tensor(ids[start + 1:start + 1 + len(chunk)], device=logits.device)
+                logp = torch.log_softmax(logits.double(), dim=-1)  # (len(chunk), vocab)
+                total -= logp.gather(1, targets[:, None]).sum().item()
+        return total
+
     def ping(self) -> None:
         """A collective every rank joins (rank 0, while idle). A dead rank then shows up now,
         as an MPI error under ULFM or as a stall a watchdog sees, not at the next request."""
@@ -218,6 +248,8 @@ class Engine:
                 return cmd
             if cmd["op"] == "generate":
                 self._follow(cmd["ids"])
+            elif cmd["op"] == "score":
+                self._score(cmd["ids"])
             elif cmd["op"] == "ping":
                 self.comm.barrier()
 

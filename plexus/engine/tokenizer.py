@@ -56,6 +56,11 @@ class Tokenizer:
         if self.eos_token is not None and self.tok.token_to_id(self.eos_token) is not None:
             eos.add(self.tok.token_to_id(self.eos_token))
         self.eos_token_ids = frozenset(int(e) for e in eos)
+        # the id of BOS: the tokenizer's own token, else config.json's (None: the model has none)
+        bos = self.tok.token_to_id(self.bos_token) if self.bos_token is not None else None
+        if bos is None and isinstance(model_cfg.get("bos_token_id"), int):
+            bos = model_cfg["bos_token_id"]
+        self.bos_token_id: int | None = bos
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
