@@ -101,9 +101,9 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
     if comm.rank == 0:  # the prompt and new tokens fit the context: known before any weight is read
         try:
             from plexus.engine.engine import check_prompts
-            from plexus.models.config import ModelConfig
+            from plexus.engine.source import load_config
 
-            config = ModelConfig.from_dir(model_dir)
+            config = load_config(model_dir)
             check_prompts([prompt_token_ids(prompt_tokens, config.vocab_size)], new_tokens, config, max_context)
         except PlexusError as e:
             error = str(e)

@@ -69,7 +69,7 @@ def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_conte
     from plexus.engine.engine import Engine, check_prompts
     from plexus.engine.runtime import load_progress, log_rank_table, resolve_model_dir
     from plexus.engine.tokenizer import Tokenizer
-    from plexus.models.config import ModelConfig
+    from plexus.engine.source import load_config
 
     comm, log = rt.comm, rt.log
     error, tokenizer, requests, model_dir = None, None, None, None
@@ -77,7 +77,7 @@ def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_conte
         model_dir = resolve_model_dir(model, comm)
         if comm.rank == 0:  # everything the config and tokenizer decide, before any weight
             check_output_path(output)
-            config = ModelConfig.from_dir(model_dir)
+            config = load_config(model_dir)
             tokenizer = Tokenizer(model_dir)
             requests = read_requests(tokenizer, prompt, prompts_file, chat)
             check_prompts([r["ids"] for r in requests], params.max_tokens, config, max_context)

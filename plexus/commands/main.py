@@ -55,7 +55,8 @@ class LazyGroup(click.Group):
 
     lazy = {"generate": "plexus.commands.generate:generate", "serve": "plexus.commands.serve:serve",
             "plan": "plexus.commands.plan:plan", "bench": "plexus.commands.bench:bench",
-            "perplexity": "plexus.commands.perplexity:perplexity"}
+            "perplexity": "plexus.commands.perplexity:perplexity",
+            "quantize": "plexus.commands.quantize:quantize"}
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))

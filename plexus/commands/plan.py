@@ -180,11 +180,17 @@ def make_plan(model: str, ranks: str | None = None, hostfile: str | None = None,
               max_memory: str | None = None, split: str = "memory", max_context: int | None = None,
               max_batch: int = 1, dtype: str | None = None) -> tuple[PoolPlan, CheckpointInfo | None]:
     """The plan ``plexus plan`` prints: from config.json and safetensors headers only."""
+    from plexus.checkpoint.gguf import gguf_config
     from plexus.engine.engine import context_length
+    from plexus.engine.source import gguf_source
 
     path = Path(model)
     model_dir = path.parent if path.is_file() else path
-    if path.is_file():
+    gguf = gguf_source(path)
+    if gguf is not None:  # a GGUF file: its metadata is the config
+        raw = gguf_config(gguf)
+        config = ModelConfig.from_dict(raw, str(gguf))
+    elif path.is_file():
         try:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -18,16 +18,20 @@ from plexus.parallel.plan import ShardPlan
 
 def load_model(model_dir: str | Path, config: ModelConfig, plan: ShardPlan, comm: Communicator,
                max_context: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-               progress: Callable[[int], None] | None = None) -> CausalLM:
+               progress: Callable[[int], None] | None = None, quant: tuple[int, int] | None = None,
+               quant_format=None) -> CausalLM:
     """Build this rank's shard of the model and fill it from the checkpoint.
 
     Every rank calls this; any rank's failure is raised on all ranks (one collective at the end).
+    ``quant``: (bits, group) to quantize a dense checkpoint's layer weights as they are read
+    (--quantize); ``quant_format``: a pre-quantized checkpoint's format (plexus.checkpoint.hf_quant).
     """
     model, error = None, None
     try:
-        reader = CheckpointReader(model_dir, config)
+        reader = CheckpointReader(model_dir, config, quant, quant_format)
         with torch.no_grad():
-            model = CausalLM(config, plan, comm, max_context, dtype, device)
+            model = CausalLM(config, plan, comm, max_context, dtype, device,
+                             quantized=quant is not None or quant_format is not None)
             for module in model.modules():
                 if hasattr(module, "load"):
                     before = reader.bytes_read

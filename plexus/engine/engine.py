@@ -70,6 +70,26 @@ def check_prompts(prompts: list[list[int]], max_tokens: int, config: ModelConfig
             raise PlexusError(f"prompt {n}: {e}" if len(prompts) > 1 else str(e)) from None
 
 
+def quant_layout(config: ModelConfig, quantize: str | None, group: int, source) -> tuple:
+    """(the planner's Layout, the checkpoint's quantized format) from --quantize or the
+    checkpoint's quantization_config; (None, None) for a dense model. Known before any weight."""
+    from plexus.quant.qweight import Layout, bits_of, check_group
+
+    if config.quantization_config is not None:
+        from plexus.checkpoint.hf_quant import quant_format
+
+        if quantize:
+            raise PlexusError(f"{source}: --quantize {quantize} is for 16/32-bit checkpoints; this one is already "
+                              f"quantized ({config.quantization_config.get('quant_method')})")
+        fmt = quant_format(config.quantization_config, f"{source}/config.json")
+        return (Layout(fmt.bits, fmt.group, fmt.describe()) if fmt is not None else None), fmt
+    if not quantize:
+        return None, None
+    bits = bits_of(quantize)
+    check_group(bits, group)
+    return Layout(bits, group, quantize), None
+
+
 @dataclass
 class Completion:
     prompt_token_ids: list[int]
@@ -102,20 +122,23 @@ class Engine:
         weights plus the KV cache of ``max_context`` x ``max_batch``. If the plan does not fit,
         every rank raises the same PlexusError before any weight is read.
         """
-        error, config, torch_dtype, ctx = None, None, None, 0
+        error, config, torch_dtype, ctx, layout, fmt = None, None, None, 0, None, None
         try:
             config = ModelConfig.from_dir(model_dir)
             torch_dtype = resolve_dtype(dtype, config)
             ctx = context_length(config, max_context)
+            layout, fmt = quant_layout(config, quantize, quant_group, model_dir)
         except PlexusError as e:
             error = str(e)
         comm.agree(error)
-        pool = agree_pool_plan(comm, config, torch_dtype, device, ctx, weights or split, max_memory, max_batch)
+        pool = agree_pool_plan(comm, config, torch_dtype, device, ctx, weights or split, max_memory, max_batch,
+                               layout)
         if hasattr(progress, "set_plan"):
             progress.set_plan(pool.plan)  # the load bar's total: this rank's share
         if comm.rank == 0:
             get_logger().info(pool.table())
-        model = load_model(model_dir, config, pool.plan, comm, ctx, torch_dtype, device, progress)
+        model = load_model(model_dir, config, pool.plan, comm, ctx, torch_dtype, device, progress,
+                           (layout.bits, layout.group) if fmt is None and layout else None, fmt)
         engine = cls(model, comm, eos_token_ids or frozenset(config.eos_token_ids))
         if model.fused is not None and model.fused.group is not None:  # ranks of one node
             model.fused.take_rows(model, pool.spare_bytes(comm.rank))

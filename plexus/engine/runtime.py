@@ -56,10 +56,11 @@ def start(device: str | None = None, threads: int | None = None, verbose: bool =
 
 
 def resolve_model_dir(model: str | None, comm: Communicator) -> str:
-    """``model`` if given (must exist), else the embedded tiny demo model, created once."""
+    """``model`` if given (a directory or a .gguf file; must exist), else the embedded tiny demo
+    model, created once."""
     if model:
-        if not Path(model).is_dir():
-            raise PlexusError(f"model directory {model} does not exist")
+        if not Path(model).is_dir() and not (Path(model).is_file() and Path(model).suffix.lower() == ".gguf"):
+            raise PlexusError(f"model directory {model} does not exist (--model takes a directory or a .gguf file)")
         return model
     from plexus.checkpoint.demo import ensure_default_model
 

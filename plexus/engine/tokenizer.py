@@ -15,6 +15,8 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from plexus.checkpoint.gguf_vocab import gguf_vocab
+from plexus.engine.source import gguf_source
 from plexus.errors import PlexusError
 
 
@@ -35,6 +37,14 @@ class Tokenizer:
     def __init__(self, model_dir: str | Path):
         d = Path(model_dir)
         path = d / "tokenizer.json"
+        gguf = None if path.is_file() else gguf_source(d)  # a tokenizer.json beside a .gguf wins
+        if gguf is not None:  # the vocabulary in the GGUF's metadata
+            v = gguf_vocab(gguf)
+            self.tok, self.bos_token, self.eos_token, self.chat_template = (v.tokenizer, v.bos_token, v.eos_token,
+                                                                            v.chat_template)
+            self.eos_token_ids, self.bos_token_id = v.eos_token_ids, v.bos_token_id
+            self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+            return
         if not path.is_file():
             raise PlexusError(f"{d}: no tokenizer.json")
         try:

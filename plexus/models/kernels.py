@@ -38,21 +38,36 @@ from plexus.parallel.hostmem import host_empty
 from plexus.parallel.sizes import format_size
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
+HEADERS = [SOURCE.with_name("qdot.h")]  # included by decode.c: part of what a build is keyed on
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 DTYPE_FLAGS = {torch.float32: [], torch.bfloat16: ["-DPLEXUS_BF16"], torch.float16: ["-DPLEXUS_F16"]}  # one build each
 
 
+class _Mat(ctypes.Structure):  # struct Mat in csrc/qdot.h: a dense or quantized matrix
+    _fields_ = [(n, ctypes.c_void_p) for n in ("w", "q", "s", "m")] + [(n, ctypes.c_long) for n in ("bits", "group")]
+
+
+def _mat(linear, keep: list) -> _Mat:
+    """A layer's matrix for the kernel: its dense ``weight`` or its ``qweight`` (a QuantWeight)."""
+    q = getattr(linear, "qweight", None)
+    if q is None:
+        keep.append(linear.weight)
+        return _Mat(linear.weight.data_ptr(), None, None, None, 0, 0)
+    keep.extend(q.tensors())
+    return _Mat(None, q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), q.bits, q.group)
+
+
 class _Layer(ctypes.Structure):  # struct Layer in decode.c, field for field
-    _fields_ = [(n, ctypes.c_void_p) for n in (
-        "input_norm", "qkv_weight", "qkv_bias", "o_weight", "post_norm", "gate_up_weight", "down_weight",
-        "k_cache", "v_cache", "kv_of_q")] + [(n, ctypes.c_long) for n in (
+    _fields_ = [(n, ctypes.c_void_p) for n in ("input_norm", "qkv_bias", "post_norm")] + [
+        (n, _Mat) for n in ("qkv", "o", "gate_up", "down")] + [
+        (n, ctypes.c_void_p) for n in ("k_cache", "v_cache", "kv_of_q")] + [(n, ctypes.c_long) for n in (
             "num_heads", "num_kv_heads", "head_dim", "hidden", "intermediate", "max_context", "window")] + [
         ("eps", ctypes.c_float), ("o_tail", ctypes.c_void_p), ("down_tail", ctypes.c_void_p)] + [
         (n, ctypes.c_long) for n in ("tail_rows", "o_tail_cols", "down_tail_cols")]
 
 
 class _Ends(ctypes.Structure):  # struct Ends in decode.c
-    _fields_ = [(n, ctypes.c_void_p) for n in ("embed", "norm", "head")] + [
+    _fields_ = [(n, ctypes.c_void_p) for n in ("embed", "norm")] + [("head", _Mat)] + [
         (n, ctypes.c_long) for n in ("first", "rows", "hidden")] + [("eps", ctypes.c_float), ("own_tail", ctypes.c_long),
         ("head_tail", ctypes.c_void_p), ("tail_first", ctypes.c_long), ("tail_rows", ctypes.c_long)]
 
@@ -98,7 +113,7 @@ def build(compiler: str | None = None, dtype: torch.dtype = torch.float32) -> Pa
     cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    src, flags = SOURCE.read_bytes(), [*FLAGS, *DTYPE_FLAGS[dtype]]
+    src, flags = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS), [*FLAGS, *DTYPE_FLAGS[dtype]]
     key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_id().encode()).hexdigest()[:16]
     out = cache_dir() / f"decode-{str(dtype).removeprefix('torch.')}-{key}.so"
     if out.exists():
@@ -140,7 +155,10 @@ def library(dtype: torch.dtype = torch.float32):
                 lib.plexus_head.argtypes = [p, p, p, p, i]
                 lib.plexus_step.argtypes = [p, f, p, p, f, p, p, p, f, p, p, p, i]
                 lib.plexus_matvec.argtypes = [p, p, p, f, f, i]
-                for fn in (lib.plexus_attention, lib.plexus_mlp, lib.plexus_head, lib.plexus_matvec):
+                lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, p, f, f, i]
+                lib.plexus_dequant.argtypes = [p, p, p, f, f, p, f, f, i]
+                for fn in (lib.plexus_attention, lib.plexus_mlp, lib.plexus_head, lib.plexus_matvec, lib.plexus_qmatvec,
+                           lib.plexus_dequant):
                     fn.restype = None
                 lib.plexus_step.restype = ctypes.c_int
             except (RuntimeError, OSError) as e:
@@ -158,6 +176,26 @@ def _tail_rows(rows: int, share: int) -> int:
 
 def _taking_rows() -> bool:
     return os.environ.get("PLEXUS_TAKE_ROWS", "1").lower() not in _OFF
+
+
+def qmatvec(weight, x: torch.Tensor, out: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+    """out = W @ x for a QuantWeight W (any build serves it; ``dtype`` picks which), x and out
+    float32 contiguous: the kernel's quantized dot product, for the probe and tests."""
+    library(dtype).plexus_qmatvec(weight.codes.data_ptr(), weight.scales.data_ptr(), weight.mins.data_ptr(),
+                                  weight.bits, weight.group, x.data_ptr(), out.data_ptr(), weight.shape[0],
+                                  weight.shape[1], torch.get_num_threads())
+
+
+def dequantize_into(weight, out: torch.Tensor) -> bool:
+    """out (contiguous, CPU, the weight's shape) = the QuantWeight ``weight`` dequantized to
+    out's dtype, in C on all the rank's threads; False where the kernel cannot (then the caller
+    uses QuantWeight.dequantize)."""
+    lib = library(out.dtype)
+    if lib is None or weight.perm is not None or weight.device.type != "cpu":
+        return False
+    lib.plexus_dequant(weight.codes.data_ptr(), weight.scales.data_ptr(), weight.mins.data_ptr(), weight.bits,
+                       weight.group, out.data_ptr(), weight.shape[0], weight.shape[1], torch.get_num_threads())
+    return True
 
 
 def matvec(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -181,7 +219,8 @@ class FusedDecoder:
         dtype it does not serve) or is unavailable. Collective: every rank calls it (to agree on a
         node group)."""
         w, comm = model.embed_tokens.weight, model.comm
-        usable = w.device.type == "cpu" and library(w.dtype) is not None
+        permuted = any(getattr(getattr(m, "qweight", None), "perm", None) is not None for m in model.modules())
+        usable = w.device.type == "cpu" and not permuted and library(w.dtype) is not None
         # ranks that all decode with the kernel on one node sum through shared memory; otherwise
         # (several nodes, or a rank without the kernel) through MPI, as the torch path does
         if comm.size > 1 and all(comm.allgather_obj(usable)) and comm.local_size == comm.size:
@@ -207,28 +246,30 @@ class FusedDecoder:
             nq, nk, d = attn.num_heads_per_rank, attn.num_kv_heads_per_rank, attn.head_dim
             kv_of_q = (attn.kv_index if attn.kv_index is not None
                        else torch.arange(nq) // (nq // nk)).to(torch.long).contiguous()
-            tensors = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.o_proj.weight,
-                       layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight,
-                       attn.k_cache, attn.v_cache]
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn.k_cache,
+                       attn.v_cache, *(m.weight for m in linears if m.qweight is None)]
             assert all(t.is_contiguous() and t.dtype == dtype for t in tensors)
+            assert all(t.is_contiguous() for m in linears if m.qweight is not None for t in m.qweight.tensors())
             keep += [kv_of_q, *tensors]
             bias = attn.qkv_proj.bias
             assert bias is None or (bias.is_contiguous() and bias.dtype == dtype)
             layers.append(_Layer(
-                layer.input_layernorm.weight.data_ptr(), attn.qkv_proj.weight.data_ptr(),
-                bias.data_ptr() if bias is not None else None, attn.o_proj.weight.data_ptr(),
-                layer.post_attention_layernorm.weight.data_ptr(), mlp.gate_up_proj.weight.data_ptr(),
-                mlp.down_proj.weight.data_ptr(), attn.k_cache.data_ptr(), attn.v_cache.data_ptr(),
-                kv_of_q.data_ptr(), nq, nk, d, cfg.hidden_size, mlp.intermediate_per_rank, model.max_context,
+                layer.input_layernorm.weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+                layer.post_attention_layernorm.weight.data_ptr(), *(_mat(m, keep) for m in linears),
+                attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), kv_of_q.data_ptr(), nq, nk, d, cfg.hidden_size, mlp.intermediate_per_rank, model.max_context,
                 cfg.sliding_window or 0, cfg.rms_norm_eps))
         embed, head = model.embed_tokens, model.lm_head
-        for t in (embed.weight, model.norm.weight, head.weight):
+        for t in (embed.weight, model.norm.weight) + (() if head.qweight is not None else (head.weight,)):
             assert t.is_contiguous() and t.dtype == dtype
-        keep += [embed.weight, model.norm.weight, head.weight]
-        self.ends = _Ends(embed.weight.data_ptr(), model.norm.weight.data_ptr(), head.weight.data_ptr(),
+        keep += [embed.weight, model.norm.weight]
+        self.ends = _Ends(embed.weight.data_ptr(), model.norm.weight.data_ptr(), _mat(head, keep),
                           embed.rows[0], embed.weight.shape[0], cfg.hidden_size, cfg.rms_norm_eps)
         self.embed_tokens, self.lm_head = embed, head
-        self.vocab, self.vocab_rows = cfg.vocab_size, head.weight.shape[0]
+        self.vocab, self.vocab_rows = cfg.vocab_size, head.rows[1] - head.rows[0]
+        self.quantized = any(m.qweight is not None for layer in model.layers
+                             for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                       layer.mlp.down_proj)) or head.qweight is not None
         self.layers = (_Layer * len(layers))(*layers)
         self._layer_ptrs = [ctypes.addressof(self.layers[i]) for i in range(len(layers))]
         self._keep = keep
@@ -263,6 +304,7 @@ class FusedDecoder:
         size = self.dtype.itemsize
         need = (len(model.layers) * per_layer + next_head * hidden) * size
         why = ("PLEXUS_TAKE_ROWS=0" if not _taking_rows() else "no rows to take" if rows == 0 else
+               "quantized weights (not yet taken)" if self.quantized else
                f"rank {comm.rank} has {spare_bytes:,} bytes to spare, not {need:,}"
                if spare_bytes is not None and need > spare_bytes else None)
         whys = [w for w in comm.allgather_obj(why) if w]

@@ -19,9 +19,15 @@ from torch import nn
 from plexus.models import kernels
 from plexus.parallel.comm import Communicator
 from plexus.parallel.hostmem import host_empty
+from plexus.quant.qweight import QuantWeight, concat_rows
 
 
 class TensorReader(Protocol):
+    def read_linear(self, prefix: str, dim: int | None = None, start: int = 0,
+                    end: int | None = None) -> "torch.Tensor | QuantWeight":
+        """Linear weight ``prefix``.weight (or its rows / input columns [start, end)) as stored:
+        dense, or a QuantWeight (a pre-quantized checkpoint, or --quantize)."""
+
     def read(self, name: str, dim: int | None = None, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Tensor ``name`` from the checkpoint, or only [start, end) along ``dim``."""
 
@@ -61,7 +67,41 @@ def _empty(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-class ColumnParallelLinear(nn.Module):
+class _Quantizable:
+    """A linear layer whose weight is either ``weight`` (dense) or ``qweight`` (a QuantWeight:
+    codes, scales and mins, plexus.quant.qweight), whichever the checkpoint reader returns. A
+    layer built ``quantized`` allocates no dense weight; on the torch path (prefill, GPUs, no
+    kernel) its weight is dequantized for each call, one layer at a time."""
+
+    qweight: QuantWeight | None = None
+
+    def _set(self, w, dtype: torch.dtype, device) -> None:
+        if isinstance(w, QuantWeight):
+            self.weight, self.qweight = None, w.to(device)
+        else:
+            self.weight = nn.Parameter(w.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a dense tensor: a quantized one dequantized into the scratch buffer that
+        every quantized layer of this dtype shares (valid until the next layer's call)."""
+        q = self.qweight
+        if q is None:
+            return self.weight
+        if q.device.type == "cpu":
+            n = q.shape[0] * q.shape[1]
+            buf = _SCRATCH.get(dtype)
+            if buf is None or buf.numel() < n:
+                buf = _SCRATCH[dtype] = torch.empty(n, dtype=dtype)
+            out = buf[:n].view(q.shape)
+            if kernels.dequantize_into(q, out):
+                return out
+        return q.dequantize(dtype)
+
+
+_SCRATCH: dict = {}  # dtype -> the CPU buffer quantized layers are dequantized into, one at a time
+
+
+class ColumnParallelLinear(_Quantizable, nn.Module):
     """Y = X A^T with A's output rows split across ranks: A = [A_1; ...; A_p], rank r computes
     X A_r^T. No collective: each rank keeps its slice of Y (its heads, its MLP columns).
 
@@ -70,42 +110,55 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, sources: Sequence[tuple[str, tuple[int, int]]], bias: bool,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, quantized: bool = False):
         super().__init__()
-        self.sources = list(sources)
+        self.sources, self.dtype, self.device = list(sources), dtype, device
         self.out_sizes = [b - a for _, (a, b) in self.sources]
-        self.weight = _empty((sum(self.out_sizes), in_features), dtype, device)
+        self.weight = None if quantized else _empty((sum(self.out_sizes), in_features), dtype, device)
         self.bias = _empty((sum(self.out_sizes),), dtype, device) if bias else None
 
     def load(self, reader: TensorReader) -> None:
-        row = 0
+        row, parts = 0, []
         for (name, (a, b)), n in zip(self.sources, self.out_sizes):
-            reader.read_into(self.weight[row:row + n], f"{name}.weight", 0, a, b)
+            if self.weight is not None:
+                reader.read_into(self.weight[row:row + n], f"{name}.weight", 0, a, b)
+            else:
+                parts.append(reader.read_linear(name, 0, a, b))
             if self.bias is not None:
                 self.bias[row:row + n].copy_(reader.read(f"{name}.bias", 0, a, b))
             row += n
+        if parts:
+            quantized = [isinstance(p, QuantWeight) for p in parts]
+            if all(quantized):
+                self._set(concat_rows(parts) if len(parts) > 1 else parts[0], self.dtype, self.device)
+            else:  # some of the fused weights stored dense: the whole layer dense
+                self._set(torch.cat([p.dequantize(self.dtype) if q else p.to(self.dtype)
+                                     for p, q in zip(parts, quantized)]), self.dtype, self.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.dense_weight(x.dtype), self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Quantizable, nn.Module):
     """Y = X A^T with A's input columns split across ranks: A = [A_1 ... A_p] and X = [X_1 ... X_p]
     (X_r is what this rank's column-parallel layer produced). Rank r computes X_r A_r^T, then one
     allreduce sums the partial products into Y on every rank.
     """
 
     def __init__(self, source: str, columns: tuple[int, int], out_features: int, comm: Communicator,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, quantized: bool = False):
         super().__init__()
-        self.source, self.columns, self.comm = source, columns, comm
-        self.weight = _empty((out_features, columns[1] - columns[0]), dtype, device)
+        self.source, self.columns, self.comm, self.dtype, self.device = source, columns, comm, dtype, device
+        self.weight = None if quantized else _empty((out_features, columns[1] - columns[0]), dtype, device)
 
     def load(self, reader: TensorReader) -> None:
-        reader.read_into(self.weight, f"{self.source}.weight", 1, *self.columns)
+        if self.weight is not None:
+            reader.read_into(self.weight, f"{self.source}.weight", 1, *self.columns)
+        else:
+            self._set(reader.read_linear(self.source, 1, *self.columns), self.dtype, self.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.allreduce_(linear(x, self.weight))
+        return self.comm.allreduce_(linear(x, self.dense_weight(x.dtype)))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -131,7 +184,7 @@ class VocabParallelEmbedding(nn.Module):
         return self.comm.allreduce_(out)
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(_Quantizable, nn.Module):
     """Logits = H W^T with W split by vocabulary rows: each rank computes its slice of the
     logits, and one gather to rank 0 (which samples) assembles them in vocabulary order.
     With tied embeddings it shares the embedding's rows instead of holding its own."""
@@ -150,7 +203,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor | None:
         """(..., hidden) -> (..., vocab) float32 logits on rank 0; None on other ranks."""
-        return self.gather(linear(h, self.weight).float())
+        return self.gather(linear(h, self.dense_weight(h.dtype)).float())
 
     def gather(self, local: torch.Tensor) -> torch.Tensor | None:
         """This rank's slice of the logits -> all of them on rank 0 (None on other ranks)."""

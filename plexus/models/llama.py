@@ -75,9 +75,10 @@ class Attention(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, shard: RankShard, prefix: str, comm: Communicator,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, quantized: bool = False):
         super().__init__()
         d = config.head_dim
+        self.dtype, self.device = dtype, device
         self.head_dim = d
         self.num_heads_per_rank = shard.num_heads
         self.num_kv_heads_per_rank = shard.num_kv_heads
@@ -87,9 +88,9 @@ class Attention(nn.Module):
             config.hidden_size,
             [(f"{prefix}.q_proj", (qa * d, qb * d)), (f"{prefix}.k_proj", (ka * d, kb * d)),
              (f"{prefix}.v_proj", (ka * d, kb * d))],
-            bias=config.attention_bias, dtype=dtype, device=device)
+            bias=config.attention_bias, dtype=dtype, device=device, quantized=quantized)
         self.o_proj = RowParallelLinear(f"{prefix}.o_proj", (qa * d, qb * d), config.hidden_size, comm,
-                                        dtype, device)
+                                        dtype, device, quantized)
         # which local KV head each local query head reads
         kv_of_q = torch.tensor([h // config.group_size - ka for h in range(qa, qb)])
         rep = self.num_heads_per_rank // self.num_kv_heads_per_rank
@@ -100,12 +101,12 @@ class Attention(nn.Module):
 
     def allocate_cache(self, max_batch: int, max_context: int) -> None:
         shape = (max_batch, self.num_kv_heads_per_rank, max_context, self.head_dim)
-        w = self.qkv_proj.weight
-        if w.device.type == "cpu":  # read every decode step, like the weights
-            self.k_cache, self.v_cache = host_empty(shape, w.dtype).zero_(), host_empty(shape, w.dtype).zero_()
+        dtype, device = self.dtype, torch.device(self.device)
+        if device.type == "cpu":  # read every decode step, like the weights
+            self.k_cache, self.v_cache = host_empty(shape, dtype).zero_(), host_empty(shape, dtype).zero_()
         else:
-            self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
-            self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
+            self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -143,14 +144,15 @@ class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); gate/up column-parallel, down row-parallel."""
 
     def __init__(self, config: ModelConfig, shard: RankShard, prefix: str, comm: Communicator,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, quantized: bool = False):
         super().__init__()
         cols = shard.mlp_columns
         self.intermediate_per_rank = shard.intermediate
         self.gate_up_proj = ColumnParallelLinear(
             config.hidden_size, [(f"{prefix}.gate_proj", cols), (f"{prefix}.up_proj", cols)],
-            bias=False, dtype=dtype, device=device)
-        self.down_proj = RowParallelLinear(f"{prefix}.down_proj", cols, config.hidden_size, comm, dtype, device)
+            bias=False, dtype=dtype, device=device, quantized=quantized)
+        self.down_proj = RowParallelLinear(f"{prefix}.down_proj", cols, config.hidden_size, comm, dtype, device,
+                                           quantized)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # (B, T, 2 * intermediate_per_rank)
@@ -161,14 +163,14 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, shard: RankShard, i: int, comm: Communicator,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, quantized: bool = False):
         super().__init__()
         p = f"model.layers.{i}"
         eps, h = config.rms_norm_eps, config.hidden_size
         self.input_layernorm = RMSNorm(f"{p}.input_layernorm", h, eps, dtype, device)
-        self.self_attn = Attention(config, shard, f"{p}.self_attn", comm, dtype, device)
+        self.self_attn = Attention(config, shard, f"{p}.self_attn", comm, dtype, device, quantized)
         self.post_attention_layernorm = RMSNorm(f"{p}.post_attention_layernorm", h, eps, dtype, device)
-        self.mlp = MLP(config, shard, f"{p}.mlp", comm, dtype, device)
+        self.mlp = MLP(config, shard, f"{p}.mlp", comm, dtype, device, quantized)
 
     def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), start, cos, sin)
@@ -176,10 +178,12 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Embedding -> decoder layers -> final norm -> LM head, for this rank's shard."""
+    """Embedding -> decoder layers -> final norm -> LM head, for this rank's shard. ``quantized``:
+    the decoder layers' linear weights come from the reader as QuantWeights (nothing dense is
+    allocated for them)."""
 
     def __init__(self, config: ModelConfig, plan: ShardPlan, comm: Communicator, max_context: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", quantized: bool = False):
         super().__init__()
         device = torch.device(device)
         self.config, self.plan, self.comm, self.max_context = config, plan, comm, max_context
@@ -187,7 +191,7 @@ class CausalLM(nn.Module):
         h = config.hidden_size
         self.embed_tokens = VocabParallelEmbedding("model.embed_tokens", shard.vocab_rows, h, comm, dtype, device)
         self.rope = RotaryEmbedding(config, max_context, device)
-        self.layers = nn.ModuleList(DecoderLayer(config, shard, i, comm, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(config, shard, i, comm, dtype, device, quantized)
                                     for i in range(config.num_layers))
         self.norm = RMSNorm("model.norm", h, config.rms_norm_eps, dtype, device)
         self.lm_head = ParallelLMHead("lm_head", shard.vocab_rows, h, plan.vocab_sizes, comm, dtype, device,

@@ -12,6 +12,7 @@ rank keeps a copy of the KV heads its query heads use.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -36,6 +37,18 @@ class ModelShape(Protocol):
     def num_parameters(self) -> int: ...
 
 
+class QuantShape(Protocol):
+    """How the decoder layers' linear weights are stored when quantized (plexus.quant.qweight.
+    Layout has it): ``align``, the input columns a row-parallel split must land on (a group),
+    and the bytes of a quantized (rows, columns) matrix."""
+
+    align: int
+
+    def linear_bytes(self, rows: int, columns: int) -> int: ...
+
+    def describe(self) -> str: ...
+
+
 MLP_GRANULARITY = 64  # MLP columns move between ranks in blocks of this many when sizes allow
 
 
@@ -57,12 +70,28 @@ def partition(total: int, weights: Sequence[float], minimum: int = 1) -> list[in
     return counts
 
 
-def _ranges(counts: Sequence[int], scale: int = 1) -> list[tuple[int, int]]:
+def _ranges(counts: Sequence[int], scale: int = 1, total: int | None = None) -> list[tuple[int, int]]:
     out, start = [], 0
     for c in counts:
         out.append((start * scale, (start + c) * scale))
         start += c
+    if total is not None:  # the last unit may be short
+        out = [(min(a, total), min(b, total)) for a, b in out]
     return out
+
+
+def _aligned(total: int, weights: Sequence[float], unit: int, item_columns: int, align: int,
+             what: str) -> list[tuple[int, int]]:
+    """Split ``total`` items (heads, MLP columns) of ``item_columns`` input columns each in whole
+    units of ``unit`` items, grown so that every boundary falls on a multiple of ``align``
+    columns (a quantization group); the last unit may be short."""
+    unit = unit * (align // math.gcd(unit * item_columns, align))
+    units = -(-total // unit)
+    if units < len(weights):
+        raise PlexusError(f"cannot split {what} across {len(weights)} ranks: its splits must fall on "
+                          f"quantization groups of {align} columns, so at most {units} rank(s) can share it "
+                          f"(use fewer ranks or a smaller --quant-group)")
+    return _ranges(partition(units, weights), scale=unit, total=total)
 
 
 @dataclass(frozen=True)
@@ -110,21 +139,28 @@ class ShardPlan:
         return [s.vocab for s in self.shards]
 
     @classmethod
-    def build(cls, config: ModelShape, weights: Sequence[float]) -> "ShardPlan":
+    def build(cls, config: ModelShape, weights: Sequence[float], align: int = 1) -> "ShardPlan":
+        """``align``: input columns the row-parallel layers' splits (o_proj's heads, down_proj's
+        MLP columns) must land on — a quantized model's group — checked here, before any weight."""
         n = len(weights)
         c = config
         if n > c.num_heads:
             heads = "1 attention head" if c.num_heads == 1 else f"{c.num_heads} attention heads"
             most = "1 rank" if c.num_heads == 1 else f"{c.num_heads} ranks"
             raise PlexusError(f"cannot split {heads} across {n} ranks: use at most {most}")
+        o_proj = f"o_proj's {c.num_heads * c.head_dim} input columns ({c.num_heads} heads of {c.head_dim})"
         if n <= c.num_kv_heads:
-            q = _ranges(partition(c.num_kv_heads, weights), scale=c.group_size)
+            kvs = _aligned(c.num_kv_heads, weights, 1, c.group_size * c.head_dim, align, o_proj)
+            q = [(a * c.group_size, b * c.group_size) for a, b in kvs]
         else:
-            q = _ranges(partition(c.num_heads, weights))
+            q = _aligned(c.num_heads, weights, 1, c.head_dim, align, o_proj)
         kv = [(a // c.group_size, (b - 1) // c.group_size + 1) for a, b in q]
         unit = MLP_GRANULARITY if c.intermediate_size % MLP_GRANULARITY == 0 and \
             c.intermediate_size // MLP_GRANULARITY >= n else 1
-        mlp = _ranges(partition(c.intermediate_size // unit, weights), scale=unit)
+        if align > 1 and -(-c.intermediate_size // (unit * align // math.gcd(unit, align))) < n:
+            unit = 1
+        down = f"down_proj's {c.intermediate_size} input columns"
+        mlp = _aligned(c.intermediate_size, weights, unit, 1, align, down)
         vocab = _ranges(partition(c.vocab_size, weights))
         shards = tuple(RankShard(r, q[r], kv[r], mlp[r], vocab[r]) for r in range(n))
         return cls(config, tuple(float(w) for w in weights), shards)
@@ -160,6 +196,19 @@ class ShardPlan:
                 f"read ({'; '.join(copied) or 'none copied'})"]
 
     # ---- sizes, for budgets and for `plexus plan` ----------------------------------------
+
+    def weight_bytes(self, rank: int, dtype_bytes: int, quant: QuantShape | None = None) -> int:
+        """Bytes of the weights rank ``rank`` stores: all in ``dtype_bytes`` each, or with the
+        decoder layers' linear weights quantized as ``quant`` says."""
+        if quant is None:
+            return self.weight_elements(rank) * dtype_bytes
+        c, s = self.config, self.shards[rank]
+        h, d = c.hidden_size, c.head_dim
+        qkv_rows = (s.num_heads + 2 * s.num_kv_heads) * d
+        linears = (quant.linear_bytes(qkv_rows, h) + quant.linear_bytes(h, s.num_heads * d)
+                   + quant.linear_bytes(2 * s.intermediate, h) + quant.linear_bytes(h, s.intermediate))
+        dense = self.weight_elements(rank) - c.num_layers * (qkv_rows * h + s.num_heads * d * h + 3 * s.intermediate * h)
+        return c.num_layers * linears + dense * dtype_bytes
 
     def weight_elements(self, rank: int) -> int:
         """Number of weight elements rank ``rank`` stores."""

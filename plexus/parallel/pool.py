@@ -18,7 +18,7 @@ from typing import Sequence
 
 from plexus.errors import PlexusError
 from plexus.parallel.memory import RESERVE_BYTES, device_free_bytes, usable_memory
-from plexus.parallel.plan import ModelShape, ShardPlan
+from plexus.parallel.plan import ModelShape, QuantShape, ShardPlan
 from plexus.parallel.sizes import DTYPE_BYTES, format_size, parse_budgets, parse_split
 
 def split_weights(split: str | tuple[float, ...], budgets: Sequence[int | None], world_size: int) -> list[float]:
@@ -61,20 +61,21 @@ class PoolPlan:
     budgets: tuple[int | None, ...]  # None: no limit known for that rank
     budget_kind: str = "budget"  # "budget" (given) or "usable memory" (measured)
     labels: tuple[str, ...] = ()
+    quant: QuantShape | None = None  # the layers' linear weights quantized (--quantize, a quantized checkpoint)
 
     @classmethod
     def build(cls, config: ModelShape, world_size: int, dtype: str, max_context: int, max_batch: int = 1,
               split: str | Sequence[float] | None = "memory", budgets: Sequence[int | None] | None = None,
-              budget_kind: str = "budget", labels: Sequence[str] = ()) -> "PoolPlan":
+              budget_kind: str = "budget", labels: Sequence[str] = (), quant: QuantShape | None = None) -> "PoolPlan":
         if dtype not in DTYPE_BYTES:
             raise PlexusError(f"unsupported dtype {dtype!r} (use {', '.join(DTYPE_BYTES)})")
         if max_batch < 1:
             raise PlexusError(f"--max-batch must be at least 1, got {max_batch}")
         split = parse_split(split)
         budgets = tuple(budgets) if budgets is not None else (None,) * world_size
-        plan = ShardPlan.build(config, split_weights(split, budgets, world_size))
+        plan = ShardPlan.build(config, split_weights(split, budgets, world_size), quant.align if quant else 1)
         return cls(plan, dtype, DTYPE_BYTES[dtype], max_context, max_batch, split, budgets, budget_kind,
-                   tuple(labels) or ("",) * world_size)
+                   tuple(labels) or ("",) * world_size, quant)
 
     @property
     def config(self) -> ModelShape:
@@ -85,7 +86,7 @@ class PoolPlan:
         return self.plan.world_size
 
     def weight_bytes(self, rank: int) -> int:
-        return self.plan.weight_elements(rank) * self.dtype_bytes
+        return self.plan.weight_bytes(rank, self.dtype_bytes, self.quant)
 
     def kv_cache_bytes(self, rank: int) -> int:
         return self.plan.kv_cache_elements(rank, self.max_context, self.max_batch) * self.dtype_bytes
@@ -96,6 +97,8 @@ class PoolPlan:
     @property
     def total_weight_bytes(self) -> int:
         """The model's weights once (norms that every rank copies counted once)."""
+        if self.quant is not None:
+            return ShardPlan.build(self.config, [1.0]).weight_bytes(0, self.dtype_bytes, self.quant)
         return self.config.num_parameters() * self.dtype_bytes
 
     def spare_bytes(self, rank: int) -> int | None:
@@ -120,7 +123,7 @@ class PoolPlan:
     def _with_budgets(self, budgets: Sequence[int], split="memory") -> "PoolPlan | None":
         try:
             return PoolPlan.build(self.config, len(budgets), self.dtype, self.max_context, self.max_batch,
-                                  split, budgets, self.budget_kind)
+                                  split, budgets, self.budget_kind, quant=self.quant)
         except PlexusError:
             return None
 
@@ -186,7 +189,8 @@ class PoolPlan:
         n = c.num_parameters()
         count = next(f"{n / s:.3g}{u}" for s, u in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= s)
         head = (f"plan: {c.architecture}, {count} parameters = "
-                f"{format_size(self.total_weight_bytes)} of weights in {self.dtype}, KV cache for "
+                f"{format_size(self.total_weight_bytes)} of weights in {self.dtype}"
+                f"{f', layers quantized to {self.quant.describe()}' if self.quant else ''}, KV cache for "
                 f"{self.max_context} tokens x {plural(self.max_batch, 'sequence')}, "
                 f"{plural(self.world_size, 'rank')}, {self.describe_split()}")
         cols = ["rank", "device", "kv heads", "q heads", "mlp columns", "vocab rows", "weights", "kv cache",
@@ -230,6 +234,7 @@ class PoolPlan:
         return {
             "architecture": self.config.architecture, "num_parameters": self.config.num_parameters(),
             "dtype": self.dtype, "dtype_bytes": self.dtype_bytes, "max_context": self.max_context,
+            "quantization": self.quant.describe() if self.quant else None,
             "max_batch": self.max_batch, "split": self.split if isinstance(self.split, str) else list(self.split),
             "world_size": self.world_size, "total_weight_bytes": self.total_weight_bytes,
             "pool_weight_bytes": sum(x["weight_bytes"] for x in ranks),
@@ -241,7 +246,7 @@ class PoolPlan:
 
 def agree_pool_plan(comm, config: ModelShape, dtype, device: str, max_context: int,
                     split: str | Sequence[float] | None = "memory", max_memory=None,
-                    max_batch: int = 1) -> PoolPlan:
+                    max_batch: int = 1, quant: QuantShape | None = None) -> PoolPlan:
     """Collective. Every rank measures the memory it can use, all ranks gather the measurements
     and build the same plan; if it does not fit the budgets (``max_memory``, else the measured
     memory) every rank raises the same one-line PlexusError — before any weight is read."""
@@ -256,7 +261,7 @@ def agree_pool_plan(comm, config: ModelShape, dtype, device: str, max_context: i
         multi_host = len({h for h, _, _ in reports}) > 1
         labels = [f"{d}@{h}" if multi_host else d for h, d, _ in reports]
         name = str(dtype).removeprefix("torch.")
-        pool = PoolPlan.build(config, comm.size, name, max_context, max_batch, split, budgets, kind, labels)
+        pool = PoolPlan.build(config, comm.size, name, max_context, max_batch, split, budgets, kind, labels, quant)
         error = pool.failure()
     except PlexusError as e:
         error = str(e)

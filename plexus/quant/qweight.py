@@ -35,6 +35,27 @@ def bits_of(scheme: str) -> int:
     return {"int8": 8, "int4": 4}[scheme]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a model's quantized linear weights are stored, for the planner (plexus.parallel.plan.
+    QuantShape): codes of ``bits``, a float32 scale and min per row and group of ``group`` input
+    columns; row-parallel splits land on ``align`` columns (the group)."""
+
+    bits: int
+    group: int
+    name: str = ""
+
+    @property
+    def align(self) -> int:
+        return self.group
+
+    def linear_bytes(self, rows: int, columns: int) -> int:
+        return rows * (row_bytes(self.bits, columns) + 8 * -(-columns // self.group)) if rows and columns else 0
+
+    def describe(self) -> str:
+        return f"{self.name or f'int{self.bits}'} (groups of {self.group})"
+
+
 def row_bytes(bits: int, columns: int) -> int:
     """Bytes of codes per row."""
     return columns if bits == 8 else -(-columns // BLOCK4) * (BLOCK4 // 2)

@@ -62,39 +62,6 @@ static inline wt fw(float f) { return f; }
 #define VECTOR 1
 #endif
 
-typedef struct {
-    const wt *input_norm, *qkv_weight, *qkv_bias, *o_weight; /* qkv_bias may be NULL */
-    const wt *post_norm, *gate_up_weight, *down_weight;
-    wt *k_cache, *v_cache;     /* this rank's KV heads of batch row 0: (kv heads, max_context, head_dim) */
-    const long *kv_of_q;       /* the local KV head each local query head reads */
-    long num_heads, num_kv_heads, head_dim, hidden, intermediate, max_context, window; /* window 0: none */
-    float eps;
-    /* Rows a waiting rank may take from the next rank of its node group (see Group): the last
-     * tail_rows rows of that rank's o_proj and down_proj shards, copied here, and their widths
-     * (that rank's attention width and intermediate share). tail_rows 0: nothing to take. */
-    const wt *o_tail, *down_tail;
-    long tail_rows, o_tail_cols, down_tail_cols;
-} Layer;
-
-/* The model's two ends, this rank's share: its vocabulary rows [first, first + rows) of the
- * embedding and of the LM head (the same memory when they are tied), and the final norm */
-typedef struct {
-    const wt *embed, *norm, *head;
-    long first, rows, hidden;
-    float eps;
-    long own_tail;         /* this rank's last own_tail rows may be taken by the previous rank */
-    const wt *head_tail;    /* the next rank's last tail_rows LM-head rows, vocabulary rows from tail_first */
-    long tail_first, tail_rows;
-} Ends;
-
-typedef struct {
-    float *normed;   /* hidden */
-    float *qkv;      /* (num_heads + 2 num_kv_heads) head_dim */
-    float *attn;     /* num_heads head_dim */
-    float *scores;   /* num_heads max_context */
-    float *gate_up;  /* 2 intermediate */
-} Scratch;
-
 /* Ranks of one node summing their partial outputs through a shared memory segment (made by
  * plexus/kernels.py): the allreduce after each half-layer without leaving the C call. The
  * segment holds one cache line per rank (its count of meetings reached, then its process id),
@@ -125,6 +92,8 @@ typedef struct {
     int leave_own_tail;          /* 1: leave this rank's own last rows to the previous rank (tests use it
                                   * to take rows whatever the ranks' speeds) */
 } Group;
+
+/* (Layer and Ends follow the dot product: their matrices are Mats, csrc/qdot.h) */
 
 #define LINE 64
 #if defined(__x86_64__) || defined(__i386__)
@@ -243,15 +212,54 @@ static inline float dot(const wt *w, const float *x, long k) {
     return s;
 }
 
-/* y[r] = W[r] . x (+ b[r]) for rows r in [r, end) */
-static void matvec_rows(const wt *W, const wt *b, const float *x, float *y, long r, long end, long k) {
-    for (; r < end; r++) y[r] = dot(W + r * k, x, k) + (b ? wf(b[r]) : 0.0f);
+#include "qdot.h"
+
+typedef struct {
+    const wt *input_norm, *qkv_bias, *post_norm; /* qkv_bias may be NULL */
+    Mat qkv, o, gate_up, down;  /* dense or quantized (csrc/qdot.h) */
+    wt *k_cache, *v_cache;     /* this rank's KV heads of batch row 0: (kv heads, max_context, head_dim) */
+    const long *kv_of_q;       /* the local KV head each local query head reads */
+    long num_heads, num_kv_heads, head_dim, hidden, intermediate, max_context, window; /* window 0: none */
+    float eps;
+    /* Rows a waiting rank may take from the next rank of its node group (see Group): the last
+     * tail_rows rows of that rank's o_proj and down_proj shards, copied here, and their widths
+     * (that rank's attention width and intermediate share). tail_rows 0: nothing to take. */
+    const wt *o_tail, *down_tail;
+    long tail_rows, o_tail_cols, down_tail_cols;
+} Layer;
+
+/* The model's two ends, this rank's share: its vocabulary rows [first, first + rows) of the
+ * embedding and of the LM head (the same memory when they are tied), and the final norm */
+typedef struct {
+    const wt *embed, *norm;
+    Mat head;
+    long first, rows, hidden;
+    float eps;
+    long own_tail;         /* this rank's last own_tail rows may be taken by the previous rank */
+    const wt *head_tail;    /* the next rank's last tail_rows LM-head rows, vocabulary rows from tail_first */
+    long tail_first, tail_rows;
+} Ends;
+
+typedef struct {
+    float *normed;   /* hidden */
+    float *qkv;      /* (num_heads + 2 num_kv_heads) head_dim */
+    float *attn;     /* num_heads head_dim */
+    float *scores;   /* num_heads max_context */
+    float *gate_up;  /* 2 intermediate */
+} Scratch;
+
+
+/* y[r] = W[r] . x (+ b[r]) for rows r in [r, end); xs: x's group sums (quantized W) */
+static void matvec_rows(const Mat *W, const wt *b, const float *x, const float *xs, float *y, long r, long end,
+                        long k) {
+    for (; r < end; r++) y[r] = mat_dot(W, r, x, xs, k) + (b ? wf(b[r]) : 0.0f);
 }
 
 /* the same for block c of ROWS rows, the last block of n rows cut short */
-static void matvec_block(const wt *W, const wt *b, const float *x, float *y, long c, long n, long k) {
+static void matvec_block(const Mat *W, const wt *b, const float *x, const float *xs, float *y, long c, long n,
+                         long k) {
     long end = (c + 1) * ROWS;
-    matvec_rows(W, b, x, y, c * ROWS, end > n ? n : end, k);
+    matvec_rows(W, b, x, xs, y, c * ROWS, end > n ? n : end, k);
 }
 
 /* the same for this thread's share of rows [0, n), in blocks of ROWS handed out as the team's
@@ -259,22 +267,26 @@ static void matvec_block(const wt *W, const wt *b, const float *x, float *y, lon
  * more rather than waiting at the next barrier: 1.02-1.03x a step at world size 1 against an
  * even split (benchmarks/kernel_ab.py). No wait at the end: callers pass a barrier before
  * reading y. */
-static void matvec_part(const wt *W, const wt *b, const float *x, float *y, long n, long k) {
+static void matvec_part(const Mat *W, const wt *b, const float *x, float *y, long n, long k) {
+    float xs[W->bits ? mat_groups(W, k) : 1]; /* each thread its own: k additions, against n * k */
+    group_sums(W, x, xs, k);
     if (omp_get_num_threads() == 1) {
-        matvec_rows(W, b, x, y, 0, n, k);
+        matvec_rows(W, b, x, xs, y, 0, n, k);
         return;
     }
     long blocks = (n + ROWS - 1) / ROWS;
 #pragma omp for schedule(guided) nowait
-    for (long c = 0; c < blocks; c++) matvec_block(W, b, x, y, c, n, k);
+    for (long c = 0; c < blocks; c++) matvec_block(W, b, x, xs, y, c, n, k);
 }
 
 /* y = W x for n rows in blocks of ROWS claimed from *claim, which others may be claiming from
  * too: each block is done once, by whoever claims it */
-static long matvec_claimed(_Atomic long *claim, const wt *W, const float *x, float *y, long n, long k) {
+static long matvec_claimed(_Atomic long *claim, const Mat *W, const float *x, float *y, long n, long k) {
     long blocks = (n + ROWS - 1) / ROWS, done = 0;
+    float xs[W->bits ? mat_groups(W, k) : 1];
+    group_sums(W, x, xs, k);
     for (long b; (b = atomic_fetch_add_explicit(claim, 1, memory_order_relaxed)) < blocks; done++)
-        matvec_block(W, NULL, x, y, b, n, k);
+        matvec_block(W, NULL, x, xs, y, b, n, k);
     return done;
 }
 
@@ -283,17 +295,20 @@ static long matvec_claimed(_Atomic long *claim, const wt *W, const float *x, flo
  * against the previous rank; then the next rank's last rows (``tail``, ``tail_rows`` of them with
  * ``tail_cols`` columns; its input at ``tail_x``, NULL: the same x as ours) into ``tail_y``.
  * Called by every thread of the team; ``x`` already published (see Group). */
-static void matvec_shared(Group *g, const wt *W, const float *x, float *y, long n, long k, long own_tail,
+static void matvec_shared(Group *g, const Mat *W, const float *x, float *y, long n, long k, long own_tail,
                           const wt *tail, const float *tail_x, float *tail_y, long tail_rows, long tail_cols) {
     long next = (g->rank + 1) % g->ranks;
     matvec_part(W, NULL, x, y, n - own_tail, k);
-    if (own_tail && !g->leave_own_tail)
-        matvec_claimed(claim_line(g, g->rank), W + (n - own_tail) * k, x, y + n - own_tail, own_tail, k);
+    if (own_tail && !g->leave_own_tail) {
+        Mat rest = mat_from(W, n - own_tail, k);
+        matvec_claimed(claim_line(g, g->rank), &rest, x, y + n - own_tail, own_tail, k);
+    }
     if (!tail_rows) return;
 #pragma omp single
     wait_for(g, next, ready_line(g, next), g->seq + 1); /* its input and claim counter are set */
     if (g->failed) return;
-    long done = matvec_claimed(claim_line(g, next), tail, tail_x ? tail_x : x, tail_y, tail_rows, tail_cols);
+    Mat T = dense(tail); /* tails are dense: quantized models do not take rows */
+    long done = matvec_claimed(claim_line(g, next), &T, tail_x ? tail_x : x, tail_y, tail_rows, tail_cols);
     if (done) __atomic_fetch_add(&g->taken, done, __ATOMIC_RELAXED);
 }
 
@@ -515,7 +530,7 @@ void plexus_attention(const Layer *L, const Scratch *S, float *x, float *out, lo
 #pragma omp parallel num_threads(threads)
     {
         start_half(L, L->input_norm, S, x, out, before);
-        matvec_part(L->qkv_weight, L->qkv_bias, S->normed, S->qkv, (nq + 2 * nk) * d, L->hidden);
+        matvec_part(&L->qkv, L->qkv_bias, S->normed, S->qkv, (nq + 2 * nk) * d, L->hidden);
 #pragma omp barrier
 #pragma omp for
         for (long h = 0; h < nq + nk; h++) {
@@ -540,12 +555,12 @@ void plexus_attention(const Layer *L, const Scratch *S, float *x, float *out, lo
         if (g) {
 #pragma omp single nowait
             publish(g);
-            matvec_shared(g, L->o_weight, attn, slot(g, g->rank), L->hidden, nq * d, L->tail_rows, L->o_tail,
+            matvec_shared(g, &L->o, attn, slot(g, g->rank), L->hidden, nq * d, L->tail_rows, L->o_tail,
                           g->act + next * g->act_stride, slot(g, next) + L->hidden - L->tail_rows, L->tail_rows,
                           L->o_tail_cols);
             finish_shared(g, x, out, L->hidden);
         } else {
-            matvec_part(L->o_weight, NULL, attn, out, L->hidden, nq * d);
+            matvec_part(&L->o, NULL, attn, out, L->hidden, nq * d);
             if (after) {
 #pragma omp barrier
                 finish_half(x, out, L->hidden);
@@ -562,7 +577,7 @@ void plexus_mlp(const Layer *L, const Scratch *S, float *x, float *out, int befo
 #pragma omp parallel num_threads(threads)
     {
         start_half(L, L->post_norm, S, x, out, before);
-        matvec_part(L->gate_up_weight, NULL, S->normed, S->gate_up, 2 * m, L->hidden);
+        matvec_part(&L->gate_up, NULL, S->normed, S->gate_up, 2 * m, L->hidden);
 #pragma omp barrier
 #pragma omp for
         for (long c = 0; c < (m + 63) / 64; c++) /* 64 at a time: whole vectors but the last */
@@ -570,12 +585,12 @@ void plexus_mlp(const Layer *L, const Scratch *S, float *x, float *out, int befo
         if (g) {
 #pragma omp single nowait
             publish(g);
-            matvec_shared(g, L->down_weight, act, slot(g, g->rank), L->hidden, m, L->tail_rows, L->down_tail,
+            matvec_shared(g, &L->down, act, slot(g, g->rank), L->hidden, m, L->tail_rows, L->down_tail,
                           g->act + next * g->act_stride, slot(g, next) + L->hidden - L->tail_rows, L->tail_rows,
                           L->down_tail_cols);
             finish_shared(g, x, out, L->hidden);
         } else {
-            matvec_part(L->down_weight, NULL, act, out, L->hidden, m);
+            matvec_part(&L->down, NULL, act, out, L->hidden, m);
             if (after) {
 #pragma omp barrier
                 finish_half(x, out, L->hidden);
@@ -603,7 +618,7 @@ void plexus_head(const Ends *E, const Scratch *S, const float *x, float *logits,
     {
 #pragma omp single
         rms_norm(x, E->norm, S->normed, E->hidden, E->eps);
-        matvec_part(E->head, NULL, S->normed, logits, E->rows, E->hidden);
+        matvec_part(&E->head, NULL, S->normed, logits, E->rows, E->hidden);
     }
 }
 
@@ -616,7 +631,7 @@ static void head_shared(const Ends *E, const Scratch *S, const float *x, Group *
             rms_norm(x, E->norm, S->normed, E->hidden, E->eps); /* the same bits on every rank */
             publish(g);
         }
-        matvec_shared(g, E->head, S->normed, g->logits + E->first, E->rows, E->hidden, E->own_tail, E->head_tail,
+        matvec_shared(g, &E->head, S->normed, g->logits + E->first, E->rows, E->hidden, E->own_tail, E->head_tail,
                       NULL, g->logits + E->tail_first, E->tail_rows, E->hidden);
     }
 }
@@ -648,6 +663,52 @@ int plexus_step(const Layer *layers, long n, const Ends *E, const Scratch *S, lo
 
 /* y = W x, for the bandwidth probe: the same streaming loop the layers use */
 void plexus_matvec(const wt *W, const float *x, float *y, long n, long k, int threads) {
+    Mat M = dense(W);
 #pragma omp parallel num_threads(threads)
-    matvec_part(W, NULL, x, y, n, k);
+    matvec_part(&M, NULL, x, y, n, k);
+}
+
+/* out (n, k) = a quantized W's rows, dequantized to the build's dtype (w = scale * code + min in
+ * float32, then rounded once): the torch path's prefill multiplies by it, one layer at a time */
+void plexus_dequant(const uint8_t *q, const float *s, const float *m, long bits, long group, wt *out, long n,
+                    long k, int threads) {
+    Mat M = {NULL, q, s, m, bits, group};
+    long G = mat_groups(&M, k), rb = mat_row_bytes(&M, k);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < n; r++) {
+        const uint8_t *qr = q + r * rb;
+        const float *sr = s + r * G, *mr = m + r * G;
+        wt *o = out + r * k;
+        for (long g = 0; g < G; g++) {
+            long a = g * group, b = a + group < k ? a + group : k;
+            float sc = sr[g], mn = mr[g];
+#if defined(VECTOR)
+            __m256 vs = _mm256_set1_ps(sc), vm = _mm256_set1_ps(mn);
+            if (bits == 8)
+                for (; a + 8 <= b; a += 8)
+                    store8(o + a, _mm256_fmadd_ps(vs, CVT8(_mm_loadl_epi64((const __m128i *)(qr + a))), vm));
+            else
+                for (; a + 32 <= b; a += 32) {
+                    __m128i c = _mm_loadu_si128((const __m128i *)(qr + a / 2)), low = _mm_set1_epi8(0x0f);
+                    __m128i lo = _mm_and_si128(c, low), hi = _mm_and_si128(_mm_srli_epi16(c, 4), low);
+                    store8(o + a, _mm256_fmadd_ps(vs, CVT8(lo), vm));
+                    store8(o + a + 8, _mm256_fmadd_ps(vs, CVT8(_mm_srli_si128(lo, 8)), vm));
+                    store8(o + a + 16, _mm256_fmadd_ps(vs, CVT8(hi), vm));
+                    store8(o + a + 24, _mm256_fmadd_ps(vs, CVT8(_mm_srli_si128(hi, 8)), vm));
+                }
+#endif
+            if (bits == 8)
+                for (long j = a; j < b; j++) o[j] = fw(sc * (float)qr[j] + mn);
+            else
+                for (long j = a; j < b; j++) o[j] = fw(sc * (float)code4(qr, j) + mn);
+        }
+    }
+}
+
+/* y = W x for a quantized W (codes, scales, mins as in csrc/qdot.h), for the probe and tests */
+void plexus_qmatvec(const uint8_t *q, const float *s, const float *m, long bits, long group, const float *x,
+                    float *y, long n, long k, int threads) {
+    Mat M = {NULL, q, s, m, bits, group};
+#pragma omp parallel num_threads(threads)
+    matvec_part(&M, NULL, x, y, n, k);
 }
