@@ -101,10 +101,16 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def _quantized_bytes(model) -> int:
+    """Bytes of the quantized weights (codes, scales, mins), which are not parameters."""
+    return sum(m.qweight.nbytes for m in model.modules() if getattr(m, "qweight", None) is not None)
+
+
 def decode_weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads on this rank: every parameter except the
-    embedding table, of which a step reads one row (tied embeddings are read by the LM head)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights one decode step reads on this rank: every parameter and quantized
+    weight except the embedding table, of which a step reads one row (tied embeddings are read
+    by the LM head)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters()) + _quantized_bytes(model)
     if not model.config.tie_word_embeddings:
         w = model.embed_tokens.weight
         total -= w.numel() * w.element_size()
@@ -112,7 +118,7 @@ def decode_weight_bytes(model) -> int:
 
 
 def resident_weight_bytes(model) -> int:
-    return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+    return int(sum(p.numel() * p.element_size() for p in model.parameters()) + _quantized_bytes(model))
 
 
 # ---- bandwidth probe ----------------------------------------------------------------------------

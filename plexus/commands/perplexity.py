@@ -23,8 +23,10 @@ from plexus.errors import PlexusError
 def read_token_stream(tokenizer, text_file: str) -> list[int]:
     """Rank 0: BOS (if any) + the tokens of ``text_file``'s text; at least two tokens."""
     path = Path(text_file)
-    if not path.is_file():
+    if not path.exists():
         raise PlexusError(f"text file {path} does not exist")
+    if path.is_dir():
+        raise PlexusError(f"text file {path} is a directory")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -178,10 +178,11 @@ def _plan_ranks(ranks, hostfile, config_file, max_memory) -> list[tuple[str, int
 
 def make_plan(model: str, ranks: str | None = None, hostfile: str | None = None, config_file: str | None = None,
               max_memory: str | None = None, split: str = "memory", max_context: int | None = None,
-              max_batch: int = 1, dtype: str | None = None) -> tuple[PoolPlan, CheckpointInfo | None]:
+              max_batch: int = 1, dtype: str | None = None, quantize: str | None = None,
+              quant_group: int = 128) -> tuple[PoolPlan, CheckpointInfo | None]:
     """The plan ``plexus plan`` prints: from config.json and safetensors headers only."""
     from plexus.checkpoint.gguf import gguf_config
-    from plexus.engine.engine import context_length
+    from plexus.engine.engine import context_length, quant_layout
     from plexus.engine.source import gguf_source
 
     path = Path(model)
@@ -207,10 +208,11 @@ def make_plan(model: str, ranks: str | None = None, hostfile: str | None = None,
     name = dtype or (config.torch_dtype if stated else None) or (info and info.dtype) or "float32"
     name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(name, name)
     ctx = context_length(config, max_context)
+    layout, _ = quant_layout(config, quantize, quant_group, model_dir)
     rank_list = _plan_ranks(ranks, hostfile, config_file, max_memory)
     budgets = [b for _, b in rank_list]
     pool = PoolPlan.build(config, len(rank_list), name, ctx, max_batch, split, budgets, "budget",
-                          [label for label, _ in rank_list])
+                          [label for label, _ in rank_list], layout)
     return pool, info
 
 
@@ -231,13 +233,20 @@ def make_plan(model: str, ranks: str | None = None, hostfile: str | None = None,
               help="Sequences of KV cache.")
 @click.option("--dtype", type=click.Choice(list(DTYPE_BYTES)), default=None,
               help="Compute dtype (default: config.json's, else the checkpoint's).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+              help="Plan for a 16/32-bit checkpoint quantized as it loads (as generate/serve --quantize); a "
+                   "pre-quantized checkpoint is planned from its own config.")
+@click.option("--quant-group", type=click.IntRange(min=16), default=128, show_default=True,
+              help="Input columns per quantization group for --quantize.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(model, ranks, hostfile, config_file, max_memory, split, max_context, max_batch, dtype, as_json):
+def plan(model, ranks, hostfile, config_file, max_memory, split, max_context, max_batch, dtype, as_json, quantize,
+         quant_group):
     """Show how a model would be split over a pool of devices, and whether it fits (no MPI, no weights read)."""
     from plexus.engine.runtime import run_guarded
 
     def body():
-        pool, info = make_plan(model, ranks, hostfile, config_file, max_memory, split, max_context, max_batch, dtype)
+        pool, info = make_plan(model, ranks, hostfile, config_file, max_memory, split, max_context, max_batch, dtype,
+                               quantize, quant_group)
         if as_json:
             out = pool.to_json()
             out["model"] = model

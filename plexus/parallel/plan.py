@@ -199,7 +199,8 @@ class ShardPlan:
 
     def weight_bytes(self, rank: int, dtype_bytes: int, quant: QuantShape | None = None) -> int:
         """Bytes of the weights rank ``rank`` stores: all in ``dtype_bytes`` each, or with the
-        decoder layers' linear weights quantized as ``quant`` says."""
+        decoder layers' linear weights quantized as ``quant`` says (plus the one layer's dense
+        scratch that prefill dequantizes into)."""
         if quant is None:
             return self.weight_elements(rank) * dtype_bytes
         c, s = self.config, self.shards[rank]
@@ -208,7 +209,9 @@ class ShardPlan:
         linears = (quant.linear_bytes(qkv_rows, h) + quant.linear_bytes(h, s.num_heads * d)
                    + quant.linear_bytes(2 * s.intermediate, h) + quant.linear_bytes(h, s.intermediate))
         dense = self.weight_elements(rank) - c.num_layers * (qkv_rows * h + s.num_heads * d * h + 3 * s.intermediate * h)
-        return c.num_layers * linears + dense * dtype_bytes
+        # and the scratch buffer prefill dequantizes each layer's weight into, the largest one's size
+        scratch = max(qkv_rows * h, s.num_heads * d * h, 2 * s.intermediate * h)
+        return c.num_layers * linears + (dense + scratch) * dtype_bytes
 
     def weight_elements(self, rank: int) -> int:
         """Number of weight elements rank ``rank`` stores."""
