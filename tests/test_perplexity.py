@@ -168,3 +168,36 @@ def test_bad_input_is_one_clean_error_before_loading(demo_tiny, tmp_path):
         assert "safetensors" not in line, line
     assert_clean_error(control.result(), "model.safetensors")
     assert not control.result().stdout, control.result().describe()
+
+
+def test_the_token_stream(tmp_path):
+    """BOS first when the model has one, the text without special tokens; what cannot be scored
+    is refused with the file's name (a directory, no file, blank text, one token)."""
+    from plexus.commands.perplexity import read_token_stream
+    from plexus.errors import PlexusError
+
+    class Tok:
+        def __init__(self, bos):
+            self.bos_token_id = bos
+
+        def encode(self, text, add_special_tokens=True):
+            return ([99] if add_special_tokens else []) + [len(w) for w in text.split()]
+
+    f = tmp_path / "t.txt"
+    f.write_text("a bb ccc")
+    assert read_token_stream(Tok(7), str(f)) == [7, 1, 2, 3]
+    assert read_token_stream(Tok(None), str(f)) == [1, 2, 3]
+    f.write_text("word")
+    assert read_token_stream(Tok(7), str(f)) == [7, 4]
+    with pytest.raises(PlexusError, match="t.txt gives 1 token"):
+        read_token_stream(Tok(None), str(f))
+    f.write_text("\n \t\n")
+    with pytest.raises(PlexusError, match="t.txt is empty"):
+        read_token_stream(Tok(7), str(f))
+    with pytest.raises(PlexusError, match="is a directory"):
+        read_token_stream(Tok(7), str(tmp_path))
+    with pytest.raises(PlexusError, match="nope.txt does not exist"):
+        read_token_stream(Tok(7), str(tmp_path / "nope.txt"))
+    f.write_bytes(b"caf\xe9")
+    with pytest.raises(PlexusError, match="not UTF-8"):
+        read_token_stream(Tok(7), str(f))
