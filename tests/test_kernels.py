@@ -148,7 +148,7 @@ def test_waiting_for_a_node_peer_gives_up(stories_engine, peer, where):
     step raises one MeshBroken (the server's "a rank died" path) instead of spinning forever:
     after the group's timeout when the peer's process is alive, at once when it is gone."""
     from plexus.errors import MeshBroken
-    from plexus.models import kernels
+    from plexus.models import kernels, node_group
 
     model = stories_engine.model
     if model.fused is None:
@@ -158,16 +158,16 @@ def test_waiting_for_a_node_peer_gives_up(stories_engine, peer, where):
         size, rank = 2, 0
 
     hidden, vocab = model.config.hidden_size, model.config.vocab_size
-    memory = torch.zeros(kernels._offsets(2, hidden, vocab, hidden)["size"], dtype=torch.uint8)
+    memory = torch.zeros(node_group._offsets(2, hidden, vocab, hidden)["size"], dtype=torch.uint8)
     pid = os.getpid()  # alive
     if peer == "exited":
         p = subprocess.Popen(["true"])
         p.wait()
         pid = p.pid  # reaped: no such process
-    memory[kernels.LINE + 8:kernels.LINE + 16].view(torch.int64)[0] = pid
-    group = kernels._NodeGroup(memory, OneRankComm, hidden, vocab, hidden)
+    memory[node_group.LINE + 8:node_group.LINE + 16].view(torch.int64)[0] = pid
+    group = node_group._NodeGroup(memory, OneRankComm, hidden, vocab, hidden)
     if where == "taking rows":
-        memory[kernels.LINE:kernels.LINE + 8].view(torch.int64)[0] = 1  # the peer met us at the embedding
+        memory[node_group.LINE:node_group.LINE + 8].view(torch.int64)[0] = 1  # the peer met us at the embedding
         layer, width = model.fused.layers[0], model.layers[0].self_attn.num_heads_per_rank * model.config.head_dim
         tail = torch.zeros(8 * width)
         layer.o_tail, layer.tail_rows, layer.o_tail_cols = tail.data_ptr(), 8, width
@@ -178,8 +178,8 @@ def test_waiting_for_a_node_peer_gives_up(stories_engine, peer, where):
     with pytest.raises(MeshBroken, match=want):
         model(torch.tensor([[1]]), 0)
     assert time.monotonic() - t0 < 10
-    flags = memory[:2 * kernels.LINE].view(torch.int64)[::kernels.LINE // 8].tolist()
-    ready = memory[kernels._offsets(2, hidden, vocab, hidden)["lines"]:][:8].view(torch.int64).item()
+    flags = memory[:2 * node_group.LINE].view(torch.int64)[::node_group.LINE // 8].tolist()
+    ready = memory[node_group._offsets(2, hidden, vocab, hidden)["lines"]:][:8].view(torch.int64).item()
     # where it waited: for the peer at meeting 1 (the embedding's sum), or for the peer's input
     # after publishing its own for meeting 2 (without the taken rows it would have met there)
     assert (flags, ready) == (([1, 0], 0) if where == "meeting" else ([1, 1], 2))

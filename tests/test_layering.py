@@ -1,6 +1,6 @@
 """The package's layout holds: subpackages by concern whose imports point one way,
 
-    commands -> serve, bench -> engine -> models, checkpoint -> parallel
+    commands -> serve, bench -> engine -> models, checkpoint -> parallel, quant
 
 (anything may use the base modules plexus, plexus.errors, plexus.log, plexus.files), no import
 circle between any two modules, mpi4py imported by plexus/parallel/comm.py alone, and no module
@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "plexus"
-LAYERS = {"parallel": 1, "models": 2, "checkpoint": 2, "engine": 3, "serve": 4, "bench": 4, "commands": 5}
+LAYERS = {"parallel": 1, "quant": 1, "models": 2, "checkpoint": 2, "engine": 3, "serve": 4, "bench": 4, "commands": 5}
 BASE = {"plexus", "plexus.errors", "plexus.log", "plexus.files"}
 TOP = {"plexus.__main__"}  # `python -m plexus`: the command line
 MAX_LINES = 420

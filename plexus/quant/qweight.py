@@ -174,7 +174,7 @@ def from_integers(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bi
 def quantize(w: torch.Tensor, bits: int, group: int) -> QuantWeight:
     """Round to nearest, per row and group of ``group`` input columns (the last may be shorter):
     8 bits symmetric (scale = max |w| / 127, zero point 128), 4 bits asymmetric (scale =
-    (max - min) / 15, an integer zero point in [0, 15]). Scales are rounded to float16 first, so
+    (max - min) / 15, an integer zero point in [0, 15]). Scales are rounded up to float16 first, so
     a checkpoint written with float16 scales (``plexus quantize``) reloads as the same model.
     Row by row and group by group from column 0, so the result is the same whichever rows or
     whole groups of columns a rank quantizes."""
@@ -192,7 +192,9 @@ def quantize(w: torch.Tensor, bits: int, group: int) -> QuantWeight:
     else:
         lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)  # zero exactly representable
         scale = (hi - lo) / top
-    scale = scale.to(torch.float16).float()
+    half = scale.to(torch.float16)  # the float16 at or above the scale: the extremes stay in range
+    half = torch.where(half.float() < scale, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
+    scale = half.float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale
     if bits == 4:
         zero = (-lo / scale).round().clamp(0, top)

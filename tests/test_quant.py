@@ -1,0 +1,256 @@
+"""--quantize int8|int4: the quantized representation, the kernel's dot products over it, the
+engine on quantized layers against transformers running the same (dequantized) weights, the
+same tokens at every world size, the splits on group boundaries and the planner's bytes."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from plexus.models import kernels
+from plexus.quant.qweight import QuantWeight, concat_rows, quantize, widen
+from tests.helpers import (assert_clean_error, hf_reference, make_hf_checkpoint, plexus_cmd, run, run_mpi)
+
+CC = shutil.which("cc") or shutil.which("gcc")
+needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler on this machine to build the decode kernel")
+
+
+# ---- the representation -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group", [(8, 16), (8, 128), (4, 32), (4, 128)])
+@pytest.mark.parametrize("cols", [64, 172, 256])
+def test_round_to_nearest_is_within_half_a_step(bits, group, cols):
+    torch.manual_seed(cols + bits)
+    w = torch.randn(24, cols) * torch.linspace(0.01, 3, 24).unsqueeze(1)  # rows of very different ranges
+    w[3] = 0  # an all-zero row: any scale, exact zeros
+    q = quantize(w, bits, group)
+    codes = q.unpacked()
+    assert codes.shape == w.shape and int(codes.max()) < 2 ** bits
+    g = torch.arange(cols) // group
+    step = q.scales[:, g]
+    err = (q.dequantize() - w).abs()
+    if bits == 8:  # symmetric: every weight within half a step
+        assert bool((err <= step / 2 * (1 + 1e-5) + 1e-6 * w.abs() + 1e-7).all()), float((err - step / 2).max())
+    else:  # an integer zero point: the group's ends may round up to a whole step, nothing more
+        assert bool((err <= step * (1 + 1e-5)).all()) and float((err > step / 2 * (1 + 1e-5)).float().mean()) < 0.02
+    assert bool((q.dequantize()[3] == 0).all())
+    assert torch.equal(q.scales, q.scales.half().float())  # float16 scales: a checkpoint reloads exactly
+
+
+@pytest.mark.parametrize("bits,group", [(8, 16), (4, 32)])
+def test_any_rows_and_whole_groups_quantize_as_the_whole(bits, group):
+    """What makes the model the same at every world size: a rank quantizes only its slice."""
+    torch.manual_seed(1)
+    w = torch.randn(40, 172)
+    whole = quantize(w, bits, group)
+    assert torch.equal(quantize(w[8:27], bits, group).dequantize(), whole.rows(8, 27).dequantize())
+    for a, b in [(0, 2 * group), (group, 172), (2 * group, 4 * group)]:
+        b = min(b, 172)
+        part = quantize(w[:, a:b], bits, group)
+        assert torch.equal(part.dequantize(), whole.columns(a, b).dequantize())
+        assert torch.equal(part.codes, whole.columns(a, b).codes)
+    with pytest.raises(Exception, match="groups"):
+        whole.columns(8, 64)
+
+
+def test_fused_weights_of_different_formats_widen_exactly():
+    torch.manual_seed(2)
+    a, b = quantize(torch.randn(8, 128), 4, 64), quantize(torch.randn(5, 128), 8, 32)
+    fused = concat_rows([a, b])
+    assert (fused.bits, fused.group) == (8, 32)
+    assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    assert torch.equal(widen(a, 8, 16).dequantize(), a.dequantize())
+
+
+# ---- the kernel --------------------------------------------------------------------------------
+
+def _build(tmp_path: Path, flags: list[str], name: str) -> ctypes.CDLL:
+    out = tmp_path / f"{name}.so"
+    r = subprocess.run([CC, "-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", *flags, "-o", str(out),
+                        str(kernels.SOURCE), "-lm"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lib = ctypes.CDLL(str(out))
+    p, f = ctypes.c_void_p, ctypes.c_long
+    lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, p, f, f, ctypes.c_int]
+    lib.plexus_dequant.argtypes = [p, p, p, f, f, p, f, f, ctypes.c_int]
+    return lib
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+# the three ways decode.c is built: this machine's widest vectors, AVX2 only, and no vectors at all
+VARIANTS = {"native": ["-march=native"], "avx2": ["-march=native", "-DPLEXUS_NO_AVX512"],
+            "portable": ["-march=x86-64", "-mno-avx"]}
+
+
+@needs_cc
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kernel_dot_products_equal_the_dequantized_matrix(variant, tmp_path):
+    if variant != "portable" and not _cpu_has("avx2"):
+        pytest.skip("this CPU has no AVX2: only the portable build runs here")
+    lib = _build(tmp_path, VARIANTS[variant], variant)
+    torch.manual_seed(3)
+    for bits, group, k in [(8, 16, 100), (8, 32, 1000), (8, 128, 4096), (8, 1000, 1000), (4, 32, 172),
+                           (4, 64, 1024), (4, 128, 4096), (4, 128, 200), (4, 96, 300)]:
+        n = 37
+        q = quantize(torch.randn(n, k), bits, group)
+        x = torch.randn(k)
+        y = torch.empty(n)
+        lib.plexus_qmatvec(q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), bits, group, x.data_ptr(),
+                           y.data_ptr(), n, k, 2)
+        ref = (q.dequantize().double() @ x.double()).float()
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4 * k ** 0.5), (bits, group, k, float((y - ref).abs().max()))
+        out = torch.empty(n, k)
+        lib.plexus_dequant(q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), bits, group, out.data_ptr(),
+                           n, k, 2)
+        assert torch.equal(out, q.dequantize()), (bits, group, k)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_dequantizes_to_the_16_bit_values_torch_rounds_to(dtype, tmp_path):
+    lib = _build(tmp_path, ["-march=native", kernels.DTYPE_FLAGS[dtype][0]], str(dtype))
+    torch.manual_seed(4)
+    for bits, group, k in [(8, 16, 100), (4, 32, 172), (4, 128, 1024)]:
+        q = quantize(torch.randn(9, k) * 40, bits, group)
+        out = torch.empty(9, k, dtype=dtype)
+        lib.plexus_dequant(q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), bits, group, out.data_ptr(),
+                           9, k, 1)
+        assert torch.equal(out, q.dequantize(dtype)), (bits, group, k)
+
+
+# ---- the engine, against transformers running the dequantized weights ---------------------------
+
+SIZES = dict(hidden_size=192, intermediate_size=288, num_attention_heads=6, num_key_value_heads=3, head_dim=32,
+             num_hidden_layers=2, vocab_size=600)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _dequantized_copy(src: Path, out: Path, bits: int, group: int) -> Path:
+    """A copy of the checkpoint whose layer weights are replaced by what round-to-nearest makes of
+    them: the model --quantize must compute, for transformers to run."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out / f.name)
+    tensors = load_file(str(src / "model.safetensors"))
+    for name, t in tensors.items():
+        if name.startswith("model.layers.") and name.rsplit(".", 2)[-2] in LINEARS:
+            tensors[name] = quantize(t, bits, group).dequantize(t.dtype)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def quant_models(tmp_path_factory, demo_tokenizer_dir):
+    root = tmp_path_factory.mktemp("quant")
+    model = make_hf_checkpoint("llama", root / "model", seed=7, tokenizer_from=demo_tokenizer_dir, **SIZES)
+    refs = {s: _dequantized_copy(model, root / f"ref-{s}", *s) for s in [(8, 32), (4, 32)]}
+    return model, refs
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer_dir(tmp_path_factory):
+    from plexus.checkpoint.demo import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("demo") / "tiny", preset="tiny")
+
+
+def _generate(n: int, model: Path, *args: str, timeout: float = 240) -> dict:
+    cmd = plexus_cmd("generate", "--model", model, "--prompt", "Once upon a time there was", "--max-tokens", 16,
+                     "--json", *args)
+    r = run_mpi(n, cmd, timeout=timeout) if n > 1 else run(cmd, timeout=timeout)
+    assert r.rc == 0, r.describe()
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("bits,scheme", [(8, "int8"), (4, "int4")])
+def test_quantized_logits_match_transformers_on_the_dequantized_weights(quant_models, bits, scheme):
+    from plexus.engine.engine import Engine
+    from plexus.parallel.comm import Communicator
+    from tests.helpers import hf_sequence_logits
+
+    model, refs = quant_models
+    ids = [3, 17, 250, 99, 4, 512, 42, 7, 300, 5]
+    engine = Engine.load(model, Communicator.self_only(), "float32", quantize=scheme, quant_group=32)
+    assert all(m.qweight is not None and m.qweight.bits == bits for layer in engine.model.layers
+               for m in (layer.self_attn.qkv_proj, layer.mlp.down_proj))
+    ref = hf_sequence_logits(refs[(bits, 32)], ids)
+    with torch.inference_mode():
+        prefill = engine.model(torch.tensor([ids[:4]]), 0, last_only=False)[0]  # the torch path
+        steps = [engine.model.step(t, 4 + i)[0, -1].clone() for i, t in enumerate(ids[4:])]  # the kernel
+    assert torch.allclose(prefill, ref[:4], atol=2e-4, rtol=1e-4), float((prefill - ref[:4]).abs().max())
+    for i, s in enumerate(steps):
+        assert torch.allclose(s, ref[4 + i], atol=2e-4, rtol=1e-4), (i, float((s - ref[4 + i]).abs().max()))
+    # and the quantized model is not the float one: the comparison could fail
+    dense = hf_sequence_logits(model, ids)
+    assert float((dense - ref).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("scheme,bits", [("int4", 4), ("int8", 8)])
+def test_quantized_tokens_are_the_same_at_world_sizes_1_2_3_and_uneven(quant_models, scheme, bits):
+    model, refs = quant_models
+    runs = {n: _generate(n, model, "--quantize", scheme, "--quant-group", "32") for n in (1, 2, 3)}
+    runs["3,1"] = _generate(2, model, "--quantize", scheme, "--quant-group", "32", "--split", "3,1")
+    want = hf_reference(refs[(bits, 32)], runs[1]["prompt_token_ids"], max_new_tokens=16)["tokens"]
+    for n, r in runs.items():
+        assert r["token_ids"] == want, n
+
+
+def test_a_split_off_the_groups_fails_before_loading(quant_models, tmp_path):
+    model, _ = quant_models
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    (broken / "model.safetensors").write_bytes(b"not a checkpoint")  # an error after loading would say so
+    r = run_mpi(3, plexus_cmd("generate", "--model", broken, "--prompt", "hi", "--quantize", "int4",
+                              "--quant-group", "128"), timeout=120)
+    assert_clean_error(r, "o_proj", "192 input columns", "3 ranks", "groups of 128")
+    r = run(plexus_cmd("generate", "--model", broken, "--prompt", "hi", "--quantize", "int4", "--quant-group", "48"))
+    assert_clean_error(r, "--quant-group 48", "multiple of 32")
+
+
+# ---- the planner -------------------------------------------------------------------------------
+
+def test_the_plan_counts_the_bytes_a_quantized_rank_holds(quant_models):
+    from plexus.engine.engine import Engine
+    from plexus.parallel.comm import Communicator
+    from plexus.parallel.pool import PoolPlan
+    from plexus.quant.qweight import Layout
+
+    model, _ = quant_models
+    engine = Engine.load(model, Communicator.self_only(), "float32", quantize="int4", quant_group=32)
+    m = engine.model
+    held = sum(p.numel() * p.element_size() for p in m.parameters())
+    held += sum(x.qweight.nbytes for x in m.modules() if getattr(x, "qweight", None) is not None)
+    pool = PoolPlan.build(engine.config, 1, "float32", 64, quant=Layout(4, 32))
+    scratch = 2 * SIZES["intermediate_size"] * SIZES["hidden_size"] * 4  # gate_up, dense, for prefill
+    assert pool.weight_bytes(0) == held + scratch
+
+
+def test_llama_70b_at_int4_plans_to_fit_three_16_gib_cards(tmp_path):
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "intermediate_size": 28672,
+              "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+              "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+              "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    r = run(plexus_cmd("plan", "--model", tmp_path, "--ranks", "3x16GiB", "--quantize", "int4", "--json"))
+    assert r.rc == 0, r.describe()
+    plan = json.loads(r.stdout)
+    assert plan["fits"] is True and plan["quantization"] == "int4 (groups of 128)"
+    # about 4.5 bits a layer weight (codes + float32 scale and min per 128) + bf16 embeddings and head
+    assert 38 * 2**30 < plan["pool_weight_bytes"] < 43 * 2**30
+    r = run(plexus_cmd("plan", "--model", tmp_path, "--ranks", "3x16GiB", "--json"))
+    assert json.loads(r.stdout)["fits"] is False  # the bf16 model does not
