@@ -254,3 +254,47 @@ def test_llama_70b_at_int4_plans_to_fit_three_16_gib_cards(tmp_path):
     assert 38 * 2**30 < plan["pool_weight_bytes"] < 43 * 2**30
     r = run(plexus_cmd("plan", "--model", tmp_path, "--ranks", "3x16GiB", "--json"))
     assert json.loads(r.stdout)["fits"] is False  # the bf16 model does not
+
+
+# ---- on the real stories260K: what quantizing costs, against a reference round-to-nearest --------
+
+def _fake_quantized_copy(src: Path, out: Path, bits: int, group: int) -> Path:
+    """stories260K with every layer weight round-to-nearest quantized by compressed-tensors (its own
+    qparams and fake_quantize: asymmetric, integer zero point, groups along the input). A group
+    that runs past the end is padded with zeros, which leaves its qparams as they are (the range
+    always holds 0)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from safetensors.torch import load_file, save_file
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=group)
+    shutil.copytree(src, out)
+    tensors = load_file(str(src / "model.safetensors"))
+    for name, w in tensors.items():
+        if name.startswith("model.layers.") and name.rsplit(".", 2)[-2] in LINEARS:
+            rows, cols = w.shape
+            padded = torch.nn.functional.pad(w.float(), (0, -cols % group))
+            g = padded.view(rows, -1, group)
+            scale, zero = calculate_qparams(g.amin(-1), g.amax(-1), args)
+            tensors[name] = fake_quantize(padded, scale, zero, args)[:, :cols].to(w.dtype).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_stories260k_perplexity_after_quantizing(stories_dir, tmp_path):
+    pytest.importorskip("compressed_tensors", reason="the reference round-to-nearest (pip install compressed-tensors)")
+    from plexus.checkpoint.demo import corpus_path
+    from tests.test_perplexity import perplexity, reference
+
+    text = tmp_path / "stories.txt"
+    text.write_text(corpus_path().read_text()[:6000])
+    base = perplexity(1, stories_dir, text)["perplexity"]
+    int8 = perplexity(1, stories_dir, text, "--quantize", "int8")["perplexity"]
+    int4 = perplexity(1, stories_dir, text, "--quantize", "int4", "--quant-group", "32")["perplexity"]
+    ref4 = reference(_fake_quantized_copy(stories_dir, tmp_path / "rtn4", 4, 32), text.read_text(), 512)["perplexity"]
+    print(f"stories260K perplexity: float32 {base:.4f}, int8 {int8:.4f}, int4 g32 {int4:.4f}, "
+          f"reference RTN int4 g32 {ref4:.4f}")
+    assert abs(int8 / base - 1) < 0.02
+    assert int4 > base  # 4 bits cost something on a model this small
+    assert int4 < ref4 * 1.01  # no more than round-to-nearest itself costs
