@@ -77,7 +77,7 @@ def _build(tmp_path: Path, flags: list[str], name: str) -> ctypes.CDLL:
     assert r.returncode == 0, r.stderr
     lib = ctypes.CDLL(str(out))
     p, f = ctypes.c_void_p, ctypes.c_long
-    lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, p, f, f, ctypes.c_int]
+    lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, p, p, f, f, ctypes.c_int]
     lib.plexus_dequant.argtypes = [p, p, p, f, f, p, f, f, ctypes.c_int]
     return lib
 
@@ -107,14 +107,21 @@ def test_kernel_dot_products_equal_the_dequantized_matrix(variant, tmp_path):
         q = quantize(torch.randn(n, k), bits, group)
         x = torch.randn(k)
         y = torch.empty(n)
-        lib.plexus_qmatvec(q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), bits, group, x.data_ptr(),
-                           y.data_ptr(), n, k, 2)
+        lib.plexus_qmatvec(q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), bits, group, None,
+                           x.data_ptr(), y.data_ptr(), n, k, 2)
         ref = (q.dequantize().double() @ x.double()).float()
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4 * k ** 0.5), (bits, group, k, float((y - ref).abs().max()))
         out = torch.empty(n, k)
         lib.plexus_dequant(q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), bits, group, out.data_ptr(),
                            n, k, 2)
         assert torch.equal(out, q.dequantize()), (bits, group, k)
+        # act-order (GPTQ desc_act): the stored columns are a permutation of the input's
+        perm = torch.randperm(k)
+        permuted = QuantWeight(q.bits, q.group, q.shape, q.codes, q.scales, q.mins, perm)
+        lib.plexus_qmatvec(q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), bits, group, perm.data_ptr(),
+                           x.data_ptr(), y.data_ptr(), n, k, 2)
+        ref = (permuted.dequantize().double() @ x.double()).float()
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4 * k ** 0.5), (bits, group, k, "perm")
 
 
 @needs_cc

@@ -195,6 +195,29 @@ def gguf_config(path: str | Path) -> dict:
     return d
 
 
+# (bits, group) of the QuantWeight each quantized type becomes (plexus.checkpoint.gguf_quants)
+QUANT_FORMATS = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q5_0": (8, 32), "Q5_1": (8, 32), "Q8_0": (8, 32),
+                 "Q4_K": (4, 32), "Q5_K": (8, 32), "Q6_K": (8, 16)}
+
+
+def gguf_layout(path: str | Path) -> dict | None:
+    """For the planner, from the header alone: how the decoder layers' linear weights will be
+    held -- {"bits": the widest codes, "group": the smallest group, "align": the input columns
+    a row-parallel split must land on (256 where a K-quant is), "types": {type: count}} -- or
+    None when they are all dense (F32/F16/BF16)."""
+    g = open_gguf(find_gguf(path) or path)
+    layer = [t for n, t in g.tensors.items() if n.startswith("blk.") and n.endswith(".weight") and len(t.dims) == 2]
+    quant = [t for t in layer if t.type_name in QUANT_FORMATS]
+    if not quant:
+        return None
+    types: dict[str, int] = {}
+    for t in layer:
+        types[t.type_name] = types.get(t.type_name, 0) + 1
+    return {"bits": max(QUANT_FORMATS[t.type_name][0] for t in quant),
+            "group": min(QUANT_FORMATS[t.type_name][1] for t in quant),
+            "align": max(t.block for t in quant), "types": types}
+
+
 class GGUFCheckpoint:
     """CheckpointReader's interface over a GGUF file (see the module docstring). ``quant`` =
     (bits, group) quantizes the file's dense (F16/BF16/F32) linear weights as they are read

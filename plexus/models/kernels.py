@@ -45,7 +45,8 @@ DTYPE_FLAGS = {torch.float32: [], torch.bfloat16: ["-DPLEXUS_BF16"], torch.float
 
 
 class _Mat(ctypes.Structure):  # struct Mat in csrc/qdot.h: a dense or quantized matrix
-    _fields_ = [(n, ctypes.c_void_p) for n in ("w", "q", "s", "m")] + [(n, ctypes.c_long) for n in ("bits", "group")]
+    _fields_ = [(n, ctypes.c_void_p) for n in ("w", "q", "s", "m")] + [(n, ctypes.c_long) for n in ("bits", "group")] + [
+        ("perm", ctypes.c_void_p)]
 
 
 def _mat(linear, keep: list) -> _Mat:
@@ -53,9 +54,14 @@ def _mat(linear, keep: list) -> _Mat:
     q = getattr(linear, "qweight", None)
     if q is None:
         keep.append(linear.weight)
-        return _Mat(linear.weight.data_ptr(), None, None, None, 0, 0)
+        return _Mat(linear.weight.data_ptr(), None, None, None, 0, 0, None)
     keep.extend(q.tensors())
-    return _Mat(None, q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), q.bits, q.group)
+    perm = None
+    if q.perm is not None:
+        perm = q.perm.to(torch.int64).contiguous()
+        keep.append(perm)
+    return _Mat(None, q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), q.bits, q.group,
+                None if perm is None else perm.data_ptr())
 
 
 class _Layer(ctypes.Structure):  # struct Layer in decode.c, field for field
@@ -147,7 +153,7 @@ def library(dtype: torch.dtype = torch.float32):
                 lib.plexus_head.argtypes = [p, p, p, p, i]
                 lib.plexus_step.argtypes = [p, f, p, p, f, p, p, p, f, p, p, p, i]
                 lib.plexus_matvec.argtypes = [p, p, p, f, f, i]
-                lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, p, f, f, i]
+                lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, p, p, f, f, i]
                 lib.plexus_dequant.argtypes = [p, p, p, f, f, p, f, f, i]
                 for fn in (lib.plexus_attention, lib.plexus_mlp, lib.plexus_head, lib.plexus_matvec, lib.plexus_qmatvec,
                            lib.plexus_dequant):
@@ -173,8 +179,10 @@ def _taking_rows() -> bool:
 def qmatvec(weight, x: torch.Tensor, out: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
     """out = W @ x for a QuantWeight W (any build serves it; ``dtype`` picks which), x and out
     float32 contiguous: the kernel's quantized dot product, for the probe and tests."""
+    perm = None if weight.perm is None else weight.perm.to(torch.int64).contiguous()
     library(dtype).plexus_qmatvec(weight.codes.data_ptr(), weight.scales.data_ptr(), weight.mins.data_ptr(),
-                                  weight.bits, weight.group, x.data_ptr(), out.data_ptr(), weight.shape[0],
+                                  weight.bits, weight.group, None if perm is None else perm.data_ptr(),
+                                  x.data_ptr(), out.data_ptr(), weight.shape[0],
                                   weight.shape[1], torch.get_num_threads())
 
 
@@ -211,8 +219,7 @@ class FusedDecoder:
         dtype it does not serve) or is unavailable. Collective: every rank calls it (to agree on a
         node group)."""
         w, comm = model.embed_tokens.weight, model.comm
-        permuted = any(getattr(getattr(m, "qweight", None), "perm", None) is not None for m in model.modules())
-        usable = w.device.type == "cpu" and not permuted and library(w.dtype) is not None
+        usable = w.device.type == "cpu" and library(w.dtype) is not None
         # ranks that all decode with the kernel on one node sum through shared memory; otherwise
         # (several nodes, or a rank without the kernel) through MPI, as the torch path does
         if comm.size > 1 and all(comm.allgather_obj(usable)) and comm.local_size == comm.size:

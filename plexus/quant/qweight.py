@@ -29,6 +29,7 @@ from plexus.errors import PlexusError
 
 BLOCK4 = 32  # weights per 16-byte block of 4-bit codes
 SCHEMES = ("int8", "int4")  # --quantize
+CHUNK_WEIGHTS = 2**20  # quantize() works through a tensor this many weights at a time
 
 
 def bits_of(scheme: str) -> int:
@@ -177,8 +178,13 @@ def quantize(w: torch.Tensor, bits: int, group: int) -> QuantWeight:
     (max - min) / 15, an integer zero point in [0, 15]). Scales are rounded up to float16 first, so
     a checkpoint written with float16 scales (``plexus quantize``) reloads as the same model.
     Row by row and group by group from column 0, so the result is the same whichever rows or
-    whole groups of columns a rank quantizes."""
+    whole groups of columns a rank quantizes. Done ~1M weights at a time, so the float32
+    temporaries stay small next to the tensor being quantized."""
     out, cols = w.shape
+    step = max(1, CHUNK_WEIGHTS // max(1, cols))
+    if out > step:
+        parts = [quantize(w[r:r + step], bits, group) for r in range(0, out, step)]
+        return QuantWeight(bits, group, (out, cols), *(torch.cat(t) for t in zip(*(p.tensors() for p in parts))))
     groups = -(-cols // group)
     pad = groups * group - cols
     wf = w.float()

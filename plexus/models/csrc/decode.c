@@ -269,6 +269,11 @@ static void matvec_block(const Mat *W, const wt *b, const float *x, const float 
  * reading y. */
 static void matvec_part(const Mat *W, const wt *b, const float *x, float *y, long n, long k) {
     float xs[W->bits ? mat_groups(W, k) : 1]; /* each thread its own: k additions, against n * k */
+    float xp[W->perm ? k : 1];                /* act-order: x in the stored columns' order */
+    if (W->perm) {
+        for (long j = 0; j < k; j++) xp[j] = x[W->perm[j]];
+        x = xp;
+    }
     group_sums(W, x, xs, k);
     if (omp_get_num_threads() == 1) {
         matvec_rows(W, b, x, xs, y, 0, n, k);
@@ -283,7 +288,11 @@ static void matvec_part(const Mat *W, const wt *b, const float *x, float *y, lon
  * too: each block is done once, by whoever claims it */
 static long matvec_claimed(_Atomic long *claim, const Mat *W, const float *x, float *y, long n, long k) {
     long blocks = (n + ROWS - 1) / ROWS, done = 0;
-    float xs[W->bits ? mat_groups(W, k) : 1];
+    float xs[W->bits ? mat_groups(W, k) : 1], xp[W->perm ? k : 1];
+    if (W->perm) {
+        for (long j = 0; j < k; j++) xp[j] = x[W->perm[j]];
+        x = xp;
+    }
     group_sums(W, x, xs, k);
     for (long b; (b = atomic_fetch_add_explicit(claim, 1, memory_order_relaxed)) < blocks; done++)
         matvec_block(W, NULL, x, xs, y, b, n, k);
@@ -672,7 +681,7 @@ void plexus_matvec(const wt *W, const float *x, float *y, long n, long k, int th
  * float32, then rounded once): the torch path's prefill multiplies by it, one layer at a time */
 void plexus_dequant(const uint8_t *q, const float *s, const float *m, long bits, long group, wt *out, long n,
                     long k, int threads) {
-    Mat M = {NULL, q, s, m, bits, group};
+    Mat M = {NULL, q, s, m, bits, group, NULL}; /* act-order weights are dequantized by torch */
     long G = mat_groups(&M, k), rb = mat_row_bytes(&M, k);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < n; r++) {
@@ -706,9 +715,9 @@ void plexus_dequant(const uint8_t *q, const float *s, const float *m, long bits,
 }
 
 /* y = W x for a quantized W (codes, scales, mins as in csrc/qdot.h), for the probe and tests */
-void plexus_qmatvec(const uint8_t *q, const float *s, const float *m, long bits, long group, const float *x,
-                    float *y, long n, long k, int threads) {
-    Mat M = {NULL, q, s, m, bits, group};
+void plexus_qmatvec(const uint8_t *q, const float *s, const float *m, long bits, long group, const int64_t *perm,
+                    const float *x, float *y, long n, long k, int threads) {
+    Mat M = {NULL, q, s, m, bits, group, perm};
 #pragma omp parallel num_threads(threads)
     matvec_part(&M, NULL, x, y, n, k);
 }

@@ -13,6 +13,7 @@ typedef struct {
     const uint8_t *q;     /* bits 8: rows of k codes; bits 4: rows of ceil(k / 32) blocks of 16 bytes */
     const float *s, *m;   /* (rows, groups): scale and min */
     long bits, group;
+    const int64_t *perm;  /* act-order: stored column j is input column perm[j]; NULL: in order */
 } Mat;
 
 static inline long mat_groups(const Mat *M, long k) { return M->bits ? (k + M->group - 1) / M->group : 0; }
@@ -34,7 +35,7 @@ static inline Mat mat_from(const Mat *M, long r, long k) {
 }
 
 static inline Mat dense(const wt *w) {
-    Mat o = {w, NULL, NULL, NULL, 0, 0};
+    Mat o = {w, NULL, NULL, NULL, 0, 0, NULL};
     return o;
 }
 
