@@ -243,13 +243,15 @@ def llama_3_to_1(tmp_path_factory):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_a_waiting_rank_takes_rows_and_the_logits_do_not_change(llama_3_to_1, tmp_path, dtype):
+@pytest.mark.parametrize("dtype,quantize", [("float32", None), ("bfloat16", None), ("float16", None),
+                                            ("bfloat16", "int4"), ("float32", "int8")])
+def test_a_waiting_rank_takes_rows_and_the_logits_do_not_change(llama_3_to_1, tmp_path, dtype, quantize):
     """Split 3:1 on one node, the light rank finishes its rows first and takes rows of the heavy
     rank's o_proj, down_proj and LM head (decode.c, "Taking rows"). Every step's logits are the
     same bits as a decoder that takes none: the same dot products, only done by another rank;
     also where each rank leaves its own last rows to the other, so taking is certain.
-    In each of the kernel's builds: float32, bfloat16 and float16 (whose copies are 16-bit).
+    In each of the kernel's builds: float32, bfloat16 and float16 (whose copies are 16-bit), and
+    with quantized layers (the copies are quantized rows: codes, scales and mins).
     (That decoder's logits against transformers: tests/test_model_parity.py.)"""
     from plexus.models import kernels
     from tests.helpers import MPI_SCRIPTS, python_cmd, run_mpi
@@ -257,7 +259,8 @@ def test_a_waiting_rank_takes_rows_and_the_logits_do_not_change(llama_3_to_1, tm
     if kernels.library(getattr(torch, dtype)) is None:
         pytest.skip("no fused kernel on this machine (not Linux x86-64 with a C compiler)")
     out = tmp_path / "out.json"
-    r = run_mpi(2, python_cmd(MPI_SCRIPTS / "take_rows.py", llama_3_to_1, out, dtype), timeout=200)
+    r = run_mpi(2, python_cmd(MPI_SCRIPTS / "take_rows.py", llama_3_to_1, out, dtype, *([quantize] if quantize else [])),
+                timeout=200)
     assert r.rc == 0 and not r.timed_out, r.describe()
     got = json.loads(out.read_text())
     assert got["group"], "the two ranks did not form a node group"

@@ -36,7 +36,8 @@ from plexus.files import apply_umask
 from plexus.log import get_logger
 from plexus.parallel.hostmem import host_empty
 from plexus.parallel.sizes import format_size
-from plexus.models.node_group import _NodeGroup, _node_group
+from plexus.quant.qweight import row_bytes
+from plexus.models.node_group import LINE, _NodeGroup, _node_group
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
 HEADERS = [SOURCE.with_name("qdot.h")]  # included by decode.c: part of what a build is keyed on
@@ -69,14 +70,14 @@ class _Layer(ctypes.Structure):  # struct Layer in decode.c, field for field
         (n, _Mat) for n in ("qkv", "o", "gate_up", "down")] + [
         (n, ctypes.c_void_p) for n in ("k_cache", "v_cache", "kv_of_q")] + [(n, ctypes.c_long) for n in (
             "num_heads", "num_kv_heads", "head_dim", "hidden", "intermediate", "max_context", "window")] + [
-        ("eps", ctypes.c_float), ("o_tail", ctypes.c_void_p), ("down_tail", ctypes.c_void_p)] + [
+        ("eps", ctypes.c_float), ("o_tail", _Mat), ("down_tail", _Mat)] + [
         (n, ctypes.c_long) for n in ("tail_rows", "o_tail_cols", "down_tail_cols")]
 
 
 class _Ends(ctypes.Structure):  # struct Ends in decode.c
     _fields_ = [(n, ctypes.c_void_p) for n in ("embed", "norm")] + [("head", _Mat)] + [
         (n, ctypes.c_long) for n in ("first", "rows", "hidden")] + [("eps", ctypes.c_float), ("own_tail", ctypes.c_long),
-        ("head_tail", ctypes.c_void_p), ("tail_first", ctypes.c_long), ("tail_rows", ctypes.c_long)]
+        ("head_tail", _Mat), ("tail_first", ctypes.c_long), ("tail_rows", ctypes.c_long)]
 
 
 class _Scratch(ctypes.Structure):  # struct Scratch in decode.c
@@ -170,6 +171,52 @@ def _tail_rows(rows: int, share: int) -> int:
     """Rows another rank may take of ``rows``: about 1/share of them, in whole blocks of the
     kernel's 8, at least one block where there are 4 or more."""
     return max(8, rows // share // 8 * 8) if rows >= 32 else 0
+
+
+def _tail_layout(linear, rows: int) -> tuple:
+    """How ``rows`` rows of a layer's matrix travel: ("dense", rows, cols, itemsize) or
+    ("quantized", rows, cols, bits, group)."""
+    q = linear.qweight
+    if q is None:
+        return ("dense", rows, linear.weight.shape[1], linear.weight.element_size())
+    return ("quantized", rows, q.shape[1], q.bits, q.group)
+
+
+def _piece_bytes(n: int) -> int:
+    return -(-n // LINE) * LINE  # each piece starts on a cache line: its floats stay aligned
+
+
+def _layout_parts(layout: tuple) -> list[int]:
+    """Bytes of each part of a tail as it travels (dense: the rows; quantized: codes, scales, mins)."""
+    if layout[0] == "dense":
+        _, rows, cols, size = layout
+        return [rows * cols * size]
+    _, rows, cols, bits, group = layout
+    groups = -(-cols // group)
+    return [rows * row_bytes(bits, cols), rows * groups * 4, rows * groups * 4]
+
+
+def _layout_bytes(layout: tuple) -> int:
+    return sum(_piece_bytes(n) for n in _layout_parts(layout))
+
+
+def _tail_pieces(linear, first: int, rows: int) -> list[torch.Tensor]:
+    """The bytes of rows [first, first + rows) of a layer's matrix, each part padded as _layout_parts says."""
+    q = linear.qweight
+    parts = [linear.weight[first:first + rows]] if q is None else list(q.rows(first, first + rows).tensors())
+    out = []
+    for t in parts:
+        b = t.contiguous().view(torch.uint8).reshape(-1)
+        out.append(torch.cat([b, b.new_zeros(_piece_bytes(b.numel()) - b.numel())]))
+    return out
+
+
+def _tail_mat(layout: tuple, at: int) -> _Mat:
+    """The kernel's view of a tail received at address ``at``."""
+    if layout[0] == "dense":
+        return _Mat(at, None, None, None, 0, 0, None)
+    codes, scales, _ = (_piece_bytes(n) for n in _layout_parts(layout))
+    return _Mat(None, at, at + codes, at + codes + scales, layout[3], layout[4], None)
 
 
 def _taking_rows() -> bool:
@@ -266,9 +313,6 @@ class FusedDecoder:
                           embed.rows[0], embed.weight.shape[0], cfg.hidden_size, cfg.rms_norm_eps)
         self.embed_tokens, self.lm_head = embed, head
         self.vocab, self.vocab_rows = cfg.vocab_size, head.rows[1] - head.rows[0]
-        self.quantized = any(m.qweight is not None for layer in model.layers
-                             for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                                       layer.mlp.down_proj)) or head.qweight is not None
         self.layers = (_Layer * len(layers))(*layers)
         self._layer_ptrs = [ctypes.addressof(self.layers[i]) for i in range(len(layers))]
         self._keep = keep
@@ -292,18 +336,20 @@ class FusedDecoder:
         None: unknown), or with PLEXUS_TAKE_ROWS=0."""
 
         comm, hidden = self.comm, model.config.hidden_size
-        a, mlp, head = model.layers[0].self_attn, model.layers[0].mlp, model.lm_head.weight
+        a, mlp = model.layers[0].self_attn, model.layers[0].mlp
         shapes = comm.allgather_obj((a.num_heads_per_rank * a.head_dim, mlp.intermediate_per_rank,
                                      self.ends.rows, self.ends.first))
         prev, nxt = (comm.rank - 1) % comm.size, (comm.rank + 1) % comm.size
         o_cols, down_cols, head_rows, head_first = shapes[nxt]
         rows = _tail_rows(hidden, TAIL_SHARE) if all(o and m for o, m, _, _ in shapes) else 0
         own_head, next_head = (_tail_rows(n, HEAD_TAIL_SHARE) for n in (self.ends.rows, head_rows))
-        per_layer = rows * (o_cols + down_cols)
-        size = self.dtype.itemsize
-        need = (len(model.layers) * per_layer + next_head * hidden) * size
+        # the rows each rank hands the previous one: per layer o_proj's and down_proj's last rows,
+        # then the LM head's, each dense or quantized as the rank holds it
+        mine = [(m, hidden - rows, rows) for layer in model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+        mine.append((model.lm_head, self.ends.rows - own_head, own_head))
+        layouts = comm.allgather_obj([_tail_layout(m, n) for m, _, n in mine])[nxt]  # what the next rank sends
+        need = sum(_layout_bytes(x) for x in layouts)
         why = ("PLEXUS_TAKE_ROWS=0" if not _taking_rows() else "no rows to take" if rows == 0 else
-               "quantized weights (not yet taken)" if self.quantized else
                f"rank {comm.rank} has {spare_bytes:,} bytes to spare, not {need:,}"
                if spare_bytes is not None and need > spare_bytes else None)
         whys = [w for w in comm.allgather_obj(why) if w]
@@ -313,18 +359,19 @@ class FusedDecoder:
                               "to take them when it finishes its own first")
         if whys:
             return
-        send = torch.cat([t[hidden - rows:].reshape(-1) for layer in model.layers
-                          for t in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)]
-                         + [head[self.ends.rows - own_head:].reshape(-1)])
-        tails = host_empty((need // size,), self.dtype)
+        send = torch.cat([piece for m, first, n in mine for piece in _tail_pieces(m, first, n)])
+        tails = host_empty((need,), torch.uint8)
         comm.sendrecv_(send, prev, tails, nxt)
         del send
-        base = tails.data_ptr()
+        mats, at = [], tails.data_ptr()
+        for layout in layouts:
+            mats.append(_tail_mat(layout, at))
+            at += _layout_bytes(layout)
         for i in range(len(self._layer_ptrs)):
             layer = self.layers[i]  # a view into the array the kernel reads
-            layer.o_tail, layer.down_tail = base + i * per_layer * size, base + (i * per_layer + rows * o_cols) * size
+            layer.o_tail, layer.down_tail = mats[2 * i], mats[2 * i + 1]
             layer.tail_rows, layer.o_tail_cols, layer.down_tail_cols = rows, o_cols, down_cols
-        self.ends.own_tail, self.ends.head_tail = own_head, base + len(self._layer_ptrs) * per_layer * size
+        self.ends.own_tail, self.ends.head_tail = own_head, mats[-1]
         self.ends.tail_first, self.ends.tail_rows = head_first + head_rows - next_head, next_head
         self._keep.append(tails)
 

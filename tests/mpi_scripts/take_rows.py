@@ -2,7 +2,9 @@
 with the engine's decoder (the light rank takes rows of the heavy one's row-parallel products,
 plexus/csrc/decode.c) and once with a decoder that takes none (one made without ``take_rows``).
 
-    mpirun -n 2 python tests/mpi_scripts/take_rows.py MODEL_DIR OUT.json [DTYPE]
+    mpirun -n 2 python tests/mpi_scripts/take_rows.py MODEL_DIR OUT.json [DTYPE [QUANTIZE]]
+
+(QUANTIZE: int8 or int4, groups of 32: the copies are then quantized rows.)
 
 Which rows the light rank gets to take depends on the ranks' speeds (on a loaded machine, none),
 so a third decoder leaves every rank's own last rows to the previous rank (Group.leave_own_tail):
@@ -48,11 +50,11 @@ def decode(model, decoder) -> tuple[list[list[float]], list[int]]:
     return steps, tokens
 
 
-def main(model_dir: str, out_path: str, dtype: str = "float32") -> None:
+def main(model_dir: str, out_path: str, dtype: str = "float32", quantize: str | None = None) -> None:
     comm = Communicator()
     setup_logging(comm.rank)
     torch.set_num_threads(1)
-    engine = Engine.load(model_dir, comm, dtype=dtype, split="3,1")
+    engine = Engine.load(model_dir, comm, dtype=dtype, split="3,1", quantize=quantize, quant_group=32)
     model = engine.model
     taking = model.fused  # Engine.load has given it the rows to take
     not_taking = kernels.FusedDecoder.for_model(model)

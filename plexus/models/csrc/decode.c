@@ -224,7 +224,7 @@ typedef struct {
     /* Rows a waiting rank may take from the next rank of its node group (see Group): the last
      * tail_rows rows of that rank's o_proj and down_proj shards, copied here, and their widths
      * (that rank's attention width and intermediate share). tail_rows 0: nothing to take. */
-    const wt *o_tail, *down_tail;
+    Mat o_tail, down_tail;
     long tail_rows, o_tail_cols, down_tail_cols;
 } Layer;
 
@@ -236,7 +236,7 @@ typedef struct {
     long first, rows, hidden;
     float eps;
     long own_tail;         /* this rank's last own_tail rows may be taken by the previous rank */
-    const wt *head_tail;    /* the next rank's last tail_rows LM-head rows, vocabulary rows from tail_first */
+    Mat head_tail;          /* the next rank's last tail_rows LM-head rows, vocabulary rows from tail_first */
     long tail_first, tail_rows;
 } Ends;
 
@@ -305,7 +305,7 @@ static long matvec_claimed(_Atomic long *claim, const Mat *W, const float *x, fl
  * ``tail_cols`` columns; its input at ``tail_x``, NULL: the same x as ours) into ``tail_y``.
  * Called by every thread of the team; ``x`` already published (see Group). */
 static void matvec_shared(Group *g, const Mat *W, const float *x, float *y, long n, long k, long own_tail,
-                          const wt *tail, const float *tail_x, float *tail_y, long tail_rows, long tail_cols) {
+                          const Mat *tail, const float *tail_x, float *tail_y, long tail_rows, long tail_cols) {
     long next = (g->rank + 1) % g->ranks;
     matvec_part(W, NULL, x, y, n - own_tail, k);
     if (own_tail && !g->leave_own_tail) {
@@ -316,8 +316,7 @@ static void matvec_shared(Group *g, const Mat *W, const float *x, float *y, long
 #pragma omp single
     wait_for(g, next, ready_line(g, next), g->seq + 1); /* its input and claim counter are set */
     if (g->failed) return;
-    Mat T = dense(tail); /* tails are dense: quantized models do not take rows */
-    long done = matvec_claimed(claim_line(g, next), &T, tail_x ? tail_x : x, tail_y, tail_rows, tail_cols);
+    long done = matvec_claimed(claim_line(g, next), tail, tail_x ? tail_x : x, tail_y, tail_rows, tail_cols);
     if (done) __atomic_fetch_add(&g->taken, done, __ATOMIC_RELAXED);
 }
 
@@ -564,7 +563,7 @@ void plexus_attention(const Layer *L, const Scratch *S, float *x, float *out, lo
         if (g) {
 #pragma omp single nowait
             publish(g);
-            matvec_shared(g, &L->o, attn, slot(g, g->rank), L->hidden, nq * d, L->tail_rows, L->o_tail,
+            matvec_shared(g, &L->o, attn, slot(g, g->rank), L->hidden, nq * d, L->tail_rows, &L->o_tail,
                           g->act + next * g->act_stride, slot(g, next) + L->hidden - L->tail_rows, L->tail_rows,
                           L->o_tail_cols);
             finish_shared(g, x, out, L->hidden);
@@ -594,7 +593,7 @@ void plexus_mlp(const Layer *L, const Scratch *S, float *x, float *out, int befo
         if (g) {
 #pragma omp single nowait
             publish(g);
-            matvec_shared(g, &L->down, act, slot(g, g->rank), L->hidden, m, L->tail_rows, L->down_tail,
+            matvec_shared(g, &L->down, act, slot(g, g->rank), L->hidden, m, L->tail_rows, &L->down_tail,
                           g->act + next * g->act_stride, slot(g, next) + L->hidden - L->tail_rows, L->tail_rows,
                           L->down_tail_cols);
             finish_shared(g, x, out, L->hidden);
@@ -640,7 +639,7 @@ static void head_shared(const Ends *E, const Scratch *S, const float *x, Group *
             rms_norm(x, E->norm, S->normed, E->hidden, E->eps); /* the same bits on every rank */
             publish(g);
         }
-        matvec_shared(g, &E->head, S->normed, g->logits + E->first, E->rows, E->hidden, E->own_tail, E->head_tail,
+        matvec_shared(g, &E->head, S->normed, g->logits + E->first, E->rows, E->hidden, E->own_tail, &E->head_tail,
                       NULL, g->logits + E->tail_first, E->tail_rows, E->hidden);
     }
 }
