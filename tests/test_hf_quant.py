@@ -302,9 +302,10 @@ def gptqmodel_dequantize(qweight, qzeros, scales, g_idx, bits, v1, in_features):
     return scales[g_idx.long()] * (weight - zeros[g_idx.long()])
 
 
-def chosen_quantization(out, cols, bits, group, sym, act_order, gen):
+def chosen_quantization(out, cols, bits, group, sym, act_order, gen, order=None):
     """Integer codes (out, in), float16-exact scales and integer zero points (out, groups) and a
-    g_idx (a random act-order one, or column // group); asymmetric zeros include 0 and the top code."""
+    g_idx (act-order: from ``order``, a random one if None; else column // group); asymmetric
+    zeros include 0 and the top code."""
     top = 2 ** bits - 1
     g = cols if group == -1 else group
     groups = -(-cols // g)
@@ -318,7 +319,7 @@ def chosen_quantization(out, cols, bits, group, sym, act_order, gen):
         zeros[1, :] = top
         zeros[2:10:2, 0] = 0  # a zero of 0 next to others in the same int32 word (a v1 borrow)
     if act_order:
-        order = torch.randperm(cols, generator=gen)
+        order = torch.randperm(cols, generator=gen) if order is None else order
         g_idx = torch.empty(cols, dtype=torch.int32)
         g_idx[order] = (torch.arange(cols) // g).to(torch.int32)
     else:
@@ -326,6 +327,9 @@ def chosen_quantization(out, cols, bits, group, sym, act_order, gen):
     W = scales[:, g_idx.long()] * (q.float() - zeros[:, g_idx.long()])
     return q, scales, zeros, g_idx, W
 
+
+SHARED_INPUT = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v_proj": "attn",
+                "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp"}
 
 GPTQ_CASES = [  # bits, group_size, sym, desc_act, checkpoint_format
     (4, 128, True, False, "gptq"), (4, 32, False, True, "gptq"), (8, 64, False, False, "gptq_v2"),
@@ -338,9 +342,13 @@ def gptq_checkpoint(d: Path, bits, group, sym, desc_act, ckpt, seed=0):
     model = tiny_llama(2)
     gen = torch.Generator().manual_seed(seed)
     tensors, truth = {}, {}
+    # layers that share an input share GPTQ's act-order (it sorts by the input's Hessian diagonal)
+    h = model.config.hidden_size
+    orders = {"attn": torch.randperm(h, generator=gen), "mlp": torch.randperm(h, generator=gen)}
     for name in LINEARS:
-        out, cols = getattr(model.model.layers[0], name.split(".")[0]).get_submodule(name.split(".")[1]).weight.shape
-        q, scales, zeros, g_idx, W = chosen_quantization(out, cols, bits, group, sym, desc_act, gen)
+        out, cols = model.get_submodule(f"model.layers.0.{name}").weight.shape
+        q, scales, zeros, g_idx, W = chosen_quantization(out, cols, bits, group, sym, desc_act, gen,
+                                                         orders.get(SHARED_INPUT.get(name)))
         qweight, qzeros, s16 = gptqmodel_pack(W, scales, zeros, g_idx.long(), bits)
         if ckpt == "gptq":
             qzeros = gptqmodel_v2_to_v1(qzeros, bits)
@@ -377,7 +385,11 @@ def test_gptq_misaligned_and_act_order_slices(tmp_path):
     _, reader = open_checkpoint(d)
     with pytest.raises(PlexusError, match="act-order .* cannot be split along their input") as e:
         reader.read_linear("model.layers.0.mlp.down_proj", 1, 0, 128)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "input columns 0-128 of 256" in str(e.value)
+    # all of the input (one rank) is no split: the permuted weight, as read whole
+    p = "model.layers.0.mlp.down_proj"
+    whole, full = reader.read_linear(p), reader.read_linear(p, 1, 0, 256)
+    assert full.perm is not None and torch.equal(full.perm, whole.perm) and torch.equal(full.codes, whole.codes)
 
 
 def test_gptq_wrong_packed_shape(tmp_path):
@@ -550,6 +562,45 @@ def test_fp8_block_matches_transformers(tmp_path):
         assert torch.equal(reader.read_linear(p, 0, 64, out - 20), w[64:out - 20])  # across block edges
         assert torch.equal(reader.read_linear(p, 1, 100, 200), w[:, 100:200])
     assert torch.equal(reader.read_linear("lm_head"), model.lm_head.weight.data)
+
+
+# ---- through the engine --------------------------------------------------------------------------
+
+E2E = {  # name: (checkpoint maker, world size)
+    "gptq-v1-asym-act-order": (lambda d: gptq_checkpoint(d, 4, 32, False, True, "gptq"), 1),
+    "gptq-v2-8bit": (lambda d: gptq_checkpoint(d, 8, 64, False, False, "gptq_v2"), 2),
+    "awq": (lambda d: awq_checkpoint(d, 32), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(E2E))
+def test_generate_matches_transformers_on_the_chosen_weights(name, tmp_path, demo_tiny, monkeypatch):
+    """plexus generate on the checkpoint (at the world size given) gives transformers' greedy
+    tokens for the same model with the weights the codes stand for."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.helpers import plexus_cmd, run, run_mpi
+
+    monkeypatch.setitem(SIZES, "vocab_size", 512)  # the demo tokenizer's
+    make, ws = E2E[name]
+    d, truth = make(tmp_path / name)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_tiny / f, d / f)
+    cmd = plexus_cmd("generate", "--model", str(d), "--prompt", "Once upon", "--max-tokens", "8", "--json")
+    r = run(cmd, timeout=120) if ws == 1 else run_mpi(ws, cmd, timeout=120)
+    assert r.rc == 0, r.describe()
+    (rec,) = r.json_lines()
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("quantization_config")
+    ref = LlamaForCausalLM(LlamaConfig(**cfg))
+    sd = {k: v for k, v in load_file(str(d / "model.safetensors")).items() if k.endswith(".weight")}
+    ref.load_state_dict({**sd, **{f"{p}.weight": W for p, W in truth.items()}}, strict=True)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([rec["prompt_token_ids"]]), max_new_tokens=8, do_sample=False)
+    assert rec["token_ids"] == out[0, len(rec["prompt_token_ids"]):].tolist()
 
 
 # ---- config checks -------------------------------------------------------------------------------

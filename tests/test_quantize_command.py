@@ -169,6 +169,21 @@ def test_transformers_loads_it(written):
     assert (a - b).abs().max() <= 1e-3 * b.abs().max(), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("ws", [1, 2])
+def test_generate_on_it_is_generate_with_quantize(written, ws):
+    """The written int4 checkpoint generates the tokens --quantize int4 makes of the original."""
+    from tests.helpers import run_mpi
+
+    src, out, bits, group = written["int4"]
+    tokens = []
+    for args in (("--model", str(out)), ("--model", str(src), "--quantize", "int4", "--quant-group", str(group))):
+        cmd = plexus_cmd("generate", *args, "--prompt", "Once upon a time", "--max-tokens", "8", "--json")
+        r = run(cmd, timeout=120) if ws == 1 else run_mpi(ws, cmd, timeout=120)
+        assert r.rc == 0, r.describe()
+        tokens.append(r.json_lines()[0]["token_ids"])
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 8
+
+
 def test_output_files(written, source):
     _, out, _, _ = written["int4"]
     names = {p.name for p in out.iterdir()}

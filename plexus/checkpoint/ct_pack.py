@@ -94,7 +94,8 @@ class CompressedTensorsFormat(Format):
             perm = act_order_perm(gi, read_checked(reader, gi, (cols,), what), group, cols)
         if dim == 1 and perm is not None:
             raise PlexusError(f"{prefix}: act-order (weight_g_idx) weights cannot be split along their input "
-                              f"across ranks yet (a row-parallel split of its {cols} input columns)")
+                              f"across ranks yet (asked for input columns {start}-{end} of {cols}); run it on "
+                              "one rank")
         zp = None
         if dim == 0:
             if not self.symmetric:

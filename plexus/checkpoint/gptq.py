@@ -95,8 +95,8 @@ class GPTQFormat(Format):
             perm = act_order_perm(gi, g_idx, group, cols)
         if dim == 1 and perm is not None:
             raise PlexusError(f"{prefix}: act-order (desc_act) GPTQ weights cannot be split along their input "
-                              f"across ranks yet (a row-parallel split of its {cols} input columns); run this "
-                              "layer on fewer ranks or use a checkpoint quantized with desc_act false")
+                              f"across ranks yet (asked for input columns {start}-{end} of {cols}); run it on one "
+                              "rank, or use a checkpoint quantized with desc_act false")
         if dim == 0:
             q = reader.read(qw, 1, start, end)
             z = reader.read(qz, 1, start // pack, _ceil(end, pack))

@@ -91,6 +91,8 @@ class Format:
             if not 0 <= start < end <= size:
                 raise PlexusError(f"{prefix}: slice [{start}, {end}) of dimension {dim} is outside the weight's "
                                   f"shape {[out, cols]}")
+            if (start, end) == (0, size):  # the whole weight (a world of one rank): no split to check
+                dim, end = None, None
         return self.read(reader, prefix, out, cols, dim, start, end)
 
     def marker(self, prefix: str) -> str:
@@ -193,6 +195,12 @@ def assemble(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: i
     permuted order and groups refer to stored columns."""
     if perm is not None:
         q = q[:, perm]
-    w = from_integers(q.contiguous(), scales.contiguous(), zeros.contiguous(), bits, group)
+    w = from_integers(q.contiguous(), _packed(scales), _packed(zeros), bits, group)
     w.perm = perm
     return w
+
+
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with row-major strides, also along size-1 dimensions (a transposed (1, n) tensor is
+    "contiguous" to torch with a last stride of n, which byte views of it refuse)."""
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t)
