@@ -555,3 +555,13 @@ def test_generate_cli_matches_transformers(tmp_path, demo_dir):
     out = hf.eval().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
                              do_sample=False, eos_token_id=None, pad_token_id=0)
     assert rec["token_ids"] == out[0, ids.shape[1]:].tolist()
+
+
+def test_layout_for_the_planner(tmp_path, llama):
+    """gguf_layout: what the planner needs from the header alone (None for a dense file)."""
+    from plexus.checkpoint.gguf import gguf_layout
+
+    assert gguf_layout(write_gguf(tmp_path / "f16.gguf", llama, Q.F16)) is None
+    mixed = write_gguf(tmp_path / "mixed.gguf", llama, Q.Q4_K, types={"blk.0.ffn_down.weight": Q.Q6_K,
+                                                                       "blk.0.attn_v.weight": Q.Q8_0})
+    assert gguf_layout(mixed) == {"bits": 8, "group": 16, "align": 256, "types": {"Q4_K": 5, "Q6_K": 1, "Q8_0": 1}}
