@@ -538,15 +538,20 @@ def test_model_logits_match_transformers(tmp_path, kind, qtype):
     torch.testing.assert_close(torch.stack(steps), ref[3:], rtol=0, atol=tol)
 
 
-@pytest.mark.skip(reason="needs plexus/engine/build.py to read GGUF files (plexus.engine.source.open_checkpoint)")
-def test_generate_cli_matches_transformers(tmp_path, demo_dir):
+@pytest.mark.parametrize("qtype,world_size", [(Q.Q8_0, 1), (Q.Q4_0, 2), (Q.Q4_K, 1)], ids=["Q8_0-ws1", "Q4_0-ws2",
+                                                                                         "Q4_K-ws1"])
+def test_generate_cli_matches_transformers(tmp_path, demo_dir, qtype, world_size):
     """``plexus generate --model file.gguf``: the tokenizer from the metadata and greedy tokens
-    as transformers gives them from the same file."""
+    as transformers gives them from the same file (the layers run on the file's quantized codes)."""
+    from tests.helpers import run_mpi
+
     model = make_model("llama")
-    path = write_gguf(tmp_path / "m.gguf", model, Q.Q8_0, vocab=(demo_dir, "gpt2", True))
-    r = run(plexus_cmd("generate", "--model", path, "--prompt", "Once upon a time", "--max-tokens", "12", "--json"),
-            timeout=120)
+    path = write_gguf(tmp_path / "m.gguf", model, qtype, vocab=(demo_dir, "gpt2", True))
+    cmd = plexus_cmd("generate", "--model", path, "--prompt", "Once upon a time", "--max-tokens", "12", "--json",
+                     "--dtype", "float32", "-v")
+    r = run(cmd, timeout=120) if world_size == 1 else run_mpi(world_size, cmd, timeout=180)
     assert r.rc == 0, r.describe()
+    assert "layers quantized to GGUF" in r.stderr  # planned (and held) as quantized, not dense
     rec = r.json_lines()[0]
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     assert rec["prompt_token_ids"] == tok("Once upon a time").input_ids
@@ -555,6 +560,15 @@ def test_generate_cli_matches_transformers(tmp_path, demo_dir):
     out = hf.eval().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
                              do_sample=False, eos_token_id=None, pad_token_id=0)
     assert rec["token_ids"] == out[0, ids.shape[1]:].tolist()
+
+
+def test_a_k_quant_split_off_its_super_blocks_fails_before_loading(tmp_path, demo_dir):
+    """K-quants come in super-blocks of 256 input columns: o_proj's 256 cannot be shared by 2 ranks."""
+    from tests.helpers import assert_clean_error, run_mpi
+
+    path = write_gguf(tmp_path / "m.gguf", make_model("llama"), Q.Q4_K, vocab=(demo_dir, "gpt2", True))
+    r = run_mpi(2, plexus_cmd("generate", "--model", path, "--prompt", "hi", "--max-tokens", "4"), timeout=120)
+    assert_clean_error(r, "o_proj", "2 ranks", "groups of 256")
 
 
 def test_layout_for_the_planner(tmp_path, llama):

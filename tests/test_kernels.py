@@ -148,7 +148,7 @@ def test_waiting_for_a_node_peer_gives_up(stories_engine, peer, where):
     step raises one MeshBroken (the server's "a rank died" path) instead of spinning forever:
     after the group's timeout when the peer's process is alive, at once when it is gone."""
     from plexus.errors import MeshBroken
-    from plexus.models import kernels, node_group
+    from plexus.models import node_group
 
     model = stories_engine.model
     if model.fused is None:

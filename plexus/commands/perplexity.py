@@ -79,14 +79,14 @@ def run_perplexity(rt, model, text_file, context, dtype, max_context, as_json, s
     from plexus.engine.engine import Engine
     from plexus.engine.runtime import load_progress, log_rank_table, resolve_model_dir
     from plexus.engine.tokenizer import Tokenizer
-    from plexus.models.config import ModelConfig
+    from plexus.engine.source import load_config
 
     comm, log = rt.comm, rt.log
     error, chunks, window, model_dir = None, None, 0, None
     try:
         model_dir = resolve_model_dir(model, comm)
         if comm.rank == 0:  # everything the config, the tokenizer and the text decide, before any weight
-            config = ModelConfig.from_dir(model_dir)
+            config = load_config(model_dir)
             window, _ = window_length(config, context, max_context)
             ids = read_token_stream(Tokenizer(model_dir), text_file)
             bad = [i for i in ids if not 0 <= i < config.vocab_size]

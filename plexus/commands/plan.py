@@ -208,7 +208,7 @@ def make_plan(model: str, ranks: str | None = None, hostfile: str | None = None,
     name = dtype or (config.torch_dtype if stated else None) or (info and info.dtype) or "float32"
     name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(name, name)
     ctx = context_length(config, max_context)
-    layout, _ = quant_layout(config, quantize, quant_group, model_dir)
+    layout, _ = quant_layout(config, quantize, quant_group, path)
     rank_list = _plan_ranks(ranks, hostfile, config_file, max_memory)
     budgets = [b for _, b in rank_list]
     pool = PoolPlan.build(config, len(rank_list), name, ctx, max_batch, split, budgets, "budget",

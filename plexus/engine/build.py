@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from plexus.checkpoint.reader import CheckpointReader
+from plexus.engine.source import is_prequantized, open_checkpoint
 from plexus.errors import PlexusError
 from plexus.models.config import ModelConfig
 from plexus.models.llama import CausalLM
@@ -28,10 +28,10 @@ def load_model(model_dir: str | Path, config: ModelConfig, plan: ShardPlan, comm
     """
     model, error = None, None
     try:
-        reader = CheckpointReader(model_dir, config, quant, quant_format)
+        reader = open_checkpoint(model_dir, config, quant, quant_format)
         with torch.no_grad():
             model = CausalLM(config, plan, comm, max_context, dtype, device,
-                             quantized=quant is not None or quant_format is not None)
+                             quantized=quant is not None or quant_format is not None or is_prequantized(model_dir))
             for module in model.modules():
                 if hasattr(module, "load"):
                     before = reader.bytes_read

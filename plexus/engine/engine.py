@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from plexus.engine.build import load_model
+from plexus.engine.source import load_config
 from plexus.engine.sampling import Sampler, SamplingParams
 from plexus.errors import PlexusError
 from plexus.log import get_logger
@@ -24,6 +25,7 @@ from plexus.models.llama import CausalLM
 from plexus.parallel.comm import Communicator
 from plexus.parallel.plan import ShardPlan
 from plexus.parallel.pool import agree_pool_plan
+from plexus.quant.qweight import bits_of
 
 DEFAULT_MAX_CONTEXT = 4096  # caps the preallocated KV cache for long-context checkpoints
 # positions per forward pass when scoring a window: bounds the logits gathered on rank 0 (and
@@ -73,16 +75,28 @@ def check_prompts(prompts: list[list[int]], max_tokens: int, config: ModelConfig
 def quant_layout(config: ModelConfig, quantize: str | None, group: int, source) -> tuple:
     """(the planner's Layout, the checkpoint's quantized format) from --quantize or the
     checkpoint's quantization_config; (None, None) for a dense model. Known before any weight."""
+    from plexus.engine.source import gguf_source
     from plexus.quant.qweight import Layout, bits_of, check_group
 
-    if config.quantization_config is not None:
+    gguf = gguf_source(source)
+    if gguf is not None:
+        from plexus.checkpoint.gguf import gguf_layout
+
+        info = gguf_layout(gguf)
+        if info is not None:
+            if quantize:
+                raise PlexusError(f"{gguf}: --quantize {quantize} is for 16/32-bit weights; this file's layers are "
+                                  f"already quantized ({', '.join(sorted(info['types']))})")
+            types = "/".join(sorted(info["types"]))
+            return Layout(info["bits"], info["group"], f"GGUF {types}", align_to=info["align"]), None
+    elif config.quantization_config is not None:
         from plexus.checkpoint.hf_quant import quant_format
 
         if quantize:
             raise PlexusError(f"{source}: --quantize {quantize} is for 16/32-bit checkpoints; this one is already "
                               f"quantized ({config.quantization_config.get('quant_method')})")
         fmt = quant_format(config.quantization_config, f"{source}/config.json")
-        return (Layout(fmt.bits, fmt.group, fmt.describe()) if fmt is not None else None), fmt
+        return fmt, fmt  # a Format is the planner's QuantShape too (align, linear_bytes, describe)
     if not quantize:
         return None, None
     bits = bits_of(quantize)
@@ -124,10 +138,13 @@ class Engine:
         """
         error, config, torch_dtype, ctx, layout, fmt = None, None, None, 0, None, None
         try:
-            config = ModelConfig.from_dir(model_dir)
+            config = load_config(model_dir)
             torch_dtype = resolve_dtype(dtype, config)
             ctx = context_length(config, max_context)
             layout, fmt = quant_layout(config, quantize, quant_group, model_dir)
+            if getattr(fmt, "act_order", False) and comm.size > 1:
+                raise PlexusError(f"{model_dir}: act-order (desc_act) GPTQ weights cannot be split along their input "
+                                  "yet: run this checkpoint on one rank, or use one quantized without desc_act")
         except PlexusError as e:
             error = str(e)
         comm.agree(error)
@@ -138,7 +155,7 @@ class Engine:
         if comm.rank == 0:
             get_logger().info(pool.table())
         model = load_model(model_dir, config, pool.plan, comm, ctx, torch_dtype, device, progress,
-                           (layout.bits, layout.group) if fmt is None and layout else None, fmt)
+                           (bits_of(quantize), quant_group) if quantize else None, fmt)
         engine = cls(model, comm, eos_token_ids or frozenset(config.eos_token_ids))
         if model.fused is not None and model.fused.group is not None:  # ranks of one node
             model.fused.take_rows(model, pool.spare_bytes(comm.rank))

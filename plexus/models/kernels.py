@@ -206,7 +206,7 @@ def _tail_pieces(linear, first: int, rows: int) -> list[torch.Tensor]:
     parts = [linear.weight[first:first + rows]] if q is None else list(q.rows(first, first + rows).tensors())
     out = []
     for t in parts:
-        b = t.contiguous().view(torch.uint8).reshape(-1)
+        b = t.contiguous().reshape(-1).view(torch.uint8)
         out.append(torch.cat([b, b.new_zeros(_piece_bytes(b.numel()) - b.numel())]))
     return out
 

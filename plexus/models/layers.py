@@ -198,7 +198,13 @@ class ParallelLMHead(_Quantizable, nn.Module):
         self.weight = tied.weight if tied is not None else _empty((rows[1] - rows[0], hidden_size), dtype, device)
 
     def load(self, reader: TensorReader) -> None:
-        if not self.tied:
+        if self.tied:
+            return
+        stored = getattr(reader, "tensor_type", None)  # a GGUF file says how each tensor is stored
+        if stored is not None and stored(self.source) not in ("F32", "F16", "BF16"):
+            # a quantized head stays quantized: the logits are computed on its codes
+            self._set(reader.read_linear(self.source, 0, *self.rows), self.weight.dtype, self.weight.device)
+        else:
             reader.read_into(self.weight, f"{self.source}.weight", 0, *self.rows)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor | None:

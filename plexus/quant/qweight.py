@@ -45,10 +45,11 @@ class Layout:
     bits: int
     group: int
     name: str = ""
+    align_to: int = 0  # where the split unit is not the group (GGUF's K-quant super-blocks of 256)
 
     @property
     def align(self) -> int:
-        return self.group
+        return self.align_to or self.group
 
     def linear_bytes(self, rows: int, columns: int) -> int:
         return rows * (row_bytes(self.bits, columns) + 8 * -(-columns // self.group)) if rows and columns else 0
