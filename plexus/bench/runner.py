@@ -57,8 +57,8 @@ def resolve_bench_model(model: str | None, preset: str | None, comm, log) -> str
     if model and preset:
         raise PlexusError("give --model or --preset, not both")
     if model:
-        if not Path(model).is_dir():
-            raise PlexusError(f"model directory {model} does not exist")
+        if not Path(model).exists():
+            raise PlexusError(f"model {model} does not exist (a model directory or a .gguf file)")
         return model
     error, path = None, None
     if comm.rank == 0:

@@ -88,7 +88,8 @@ def quant_layout(config: ModelConfig, quantize: str | None, group: int, source) 
                 raise PlexusError(f"{gguf}: --quantize {quantize} is for 16/32-bit weights; this file's layers are "
                                   f"already quantized ({', '.join(sorted(info['types']))})")
             types = "/".join(sorted(info["types"]))
-            return Layout(info["bits"], info["group"], f"GGUF {types}", align_to=info["align"]), None
+            return Layout(info["bits"], info["group"], f"GGUF {types}", align_to=info["align"],
+                          head_bits=info["bits"]), None
     elif config.quantization_config is not None:
         from plexus.checkpoint.hf_quant import quant_format
 
@@ -101,7 +102,9 @@ def quant_layout(config: ModelConfig, quantize: str | None, group: int, source) 
         return None, None
     bits = bits_of(quantize)
     check_group(bits, group)
-    return Layout(bits, group, quantize), None
+    from plexus.checkpoint.reader import HEAD_BITS
+
+    return Layout(bits, group, quantize, head_bits=HEAD_BITS), None
 
 
 @dataclass

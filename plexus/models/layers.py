@@ -201,7 +201,8 @@ class ParallelLMHead(_Quantizable, nn.Module):
         if self.tied:
             return
         stored = getattr(reader, "tensor_type", None)  # a GGUF file says how each tensor is stored
-        if stored is not None and stored(self.source) not in ("F32", "F16", "BF16"):
+        if (stored is not None and stored(self.source) not in ("F32", "F16", "BF16")) or (
+                stored is None and getattr(reader, "quant", None) is not None):  # --quantize: the head too
             # a quantized head stays quantized: the logits are computed on its codes
             self._set(reader.read_linear(self.source, 0, *self.rows), self.weight.dtype, self.weight.device)
         else:

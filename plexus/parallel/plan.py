@@ -211,6 +211,11 @@ class ShardPlan:
         dense = self.weight_elements(rank) - c.num_layers * (qkv_rows * h + s.num_heads * d * h + 3 * s.intermediate * h)
         # and the scratch buffer prefill dequantizes each layer's weight into, the largest one's size
         scratch = max(qkv_rows * h, s.num_heads * d * h, 2 * s.intermediate * h)
+        head = getattr(quant, "head_bytes", lambda rows, cols: None)(s.vocab, h)
+        if head is not None and not c.tie_word_embeddings:  # the LM head quantized too
+            dense -= s.vocab * h
+            scratch = max(scratch, s.vocab * h)
+            return c.num_layers * linears + head + (dense + scratch) * dtype_bytes
         return c.num_layers * linears + (dense + scratch) * dtype_bytes
 
     def weight_elements(self, rank: int) -> int:

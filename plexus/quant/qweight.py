@@ -46,6 +46,7 @@ class Layout:
     group: int
     name: str = ""
     align_to: int = 0  # where the split unit is not the group (GGUF's K-quant super-blocks of 256)
+    head_bits: int = 0  # an untied LM head quantized to this many bits too (0: dense)
 
     @property
     def align(self) -> int:
@@ -54,8 +55,15 @@ class Layout:
     def linear_bytes(self, rows: int, columns: int) -> int:
         return rows * (row_bytes(self.bits, columns) + 8 * -(-columns // self.group)) if rows and columns else 0
 
+    def head_bytes(self, rows: int, columns: int) -> int | None:
+        """Bytes of an untied LM head's rows, or None where it stays dense."""
+        if not self.head_bits:
+            return None
+        return rows * (row_bytes(self.head_bits, columns) + 8 * -(-columns // self.group))
+
     def describe(self) -> str:
-        return f"{self.name or f'int{self.bits}'} (groups of {self.group})"
+        head = f", LM head int{self.head_bits}" if self.head_bits and self.head_bits != self.bits else ""
+        return f"{self.name or f'int{self.bits}'} (groups of {self.group}{head})"
 
 
 def row_bytes(bits: int, columns: int) -> int:
