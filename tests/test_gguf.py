@@ -538,9 +538,10 @@ def test_model_logits_match_transformers(tmp_path, kind, qtype):
     torch.testing.assert_close(torch.stack(steps), ref[3:], rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("qtype,world_size", [(Q.Q8_0, 1), (Q.Q4_0, 2), (Q.Q4_K, 1)], ids=["Q8_0-ws1", "Q4_0-ws2",
-                                                                                         "Q4_K-ws1"])
-def test_generate_cli_matches_transformers(tmp_path, demo_dir, qtype, world_size):
+@pytest.mark.parametrize("qtype,world_size,split", [(Q.Q8_0, 1, None), (Q.Q4_0, 2, None), (Q.Q4_K, 1, None),
+                                                   (Q.Q8_0, 4, None), (Q.Q4_0, 2, "3,1")],
+                         ids=["Q8_0-ws1", "Q4_0-ws2", "Q4_K-ws1", "Q8_0-ws4", "Q4_0-3:1"])
+def test_generate_cli_matches_transformers(tmp_path, demo_dir, qtype, world_size, split):
     """``plexus generate --model file.gguf``: the tokenizer from the metadata and greedy tokens
     as transformers gives them from the same file (the layers run on the file's quantized codes)."""
     from tests.helpers import run_mpi
@@ -548,7 +549,7 @@ def test_generate_cli_matches_transformers(tmp_path, demo_dir, qtype, world_size
     model = make_model("llama")
     path = write_gguf(tmp_path / "m.gguf", model, qtype, vocab=(demo_dir, "gpt2", True))
     cmd = plexus_cmd("generate", "--model", path, "--prompt", "Once upon a time", "--max-tokens", "12", "--json",
-                     "--dtype", "float32", "-v")
+                     "--dtype", "float32", "-v", *(["--split", split] if split else []))
     r = run(cmd, timeout=120) if world_size == 1 else run_mpi(world_size, cmd, timeout=180)
     assert r.rc == 0, r.describe()
     assert "layers quantized to GGUF" in r.stderr  # planned (and held) as quantized, not dense

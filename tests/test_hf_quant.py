@@ -566,17 +566,21 @@ def test_fp8_block_matches_transformers(tmp_path):
 
 # ---- through the engine --------------------------------------------------------------------------
 
-E2E = {  # name: (checkpoint maker, world size)
-    "gptq-v1-asym-act-order": (lambda d: gptq_checkpoint(d, 4, 32, False, True, "gptq"), 1),
-    "gptq-v2-8bit": (lambda d: gptq_checkpoint(d, 8, 64, False, False, "gptq_v2"), 2),
-    "awq": (lambda d: awq_checkpoint(d, 32), 2),
+E2E = {  # name: (checkpoint maker, world size, --split)
+    "gptq-v1-asym-act-order": (lambda d: gptq_checkpoint(d, 4, 32, False, True, "gptq"), 1, None),
+    "gptq-v1-sym-4bit-ws4": (lambda d: gptq_checkpoint(d, 4, 32, True, False, "gptq"), 4, None),
+    "gptq-v1-sym-4bit-3:1": (lambda d: gptq_checkpoint(d, 4, 32, True, False, "gptq"), 2, "3,1"),
+    "gptq-v2-8bit": (lambda d: gptq_checkpoint(d, 8, 64, False, False, "gptq_v2"), 2, None),
+    "awq": (lambda d: awq_checkpoint(d, 32), 2, None),
+    "awq-ws4": (lambda d: awq_checkpoint(d, 32), 4, None),
+    "awq-3:1": (lambda d: awq_checkpoint(d, 32), 2, "3,1"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(E2E))
 def test_generate_matches_transformers_on_the_chosen_weights(name, tmp_path, demo_tiny, monkeypatch):
-    """plexus generate on the checkpoint (at the world size given) gives transformers' greedy
-    tokens for the same model with the weights the codes stand for."""
+    """plexus generate on the checkpoint (at the world size and split given) gives transformers'
+    greedy tokens for the same model with the weights the codes stand for."""
     import shutil
 
     from safetensors.torch import load_file
@@ -585,12 +589,13 @@ def test_generate_matches_transformers_on_the_chosen_weights(name, tmp_path, dem
     from tests.helpers import plexus_cmd, run, run_mpi
 
     monkeypatch.setitem(SIZES, "vocab_size", 512)  # the demo tokenizer's
-    make, ws = E2E[name]
+    make, ws, split = E2E[name]
     d, truth = make(tmp_path / name)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo_tiny / f, d / f)
-    cmd = plexus_cmd("generate", "--model", str(d), "--prompt", "Once upon", "--max-tokens", "8", "--json")
-    r = run(cmd, timeout=120) if ws == 1 else run_mpi(ws, cmd, timeout=120)
+    cmd = plexus_cmd("generate", "--model", str(d), "--prompt", "Once upon", "--max-tokens", "8", "--json",
+                     *(["--split", split] if split else []))
+    r = run(cmd, timeout=120) if ws == 1 else run_mpi(ws, cmd, timeout=180)
     assert r.rc == 0, r.describe()
     (rec,) = r.json_lines()
     cfg = json.loads((d / "config.json").read_text())

@@ -157,8 +157,6 @@ def _dequantized_copy(src: Path, out: Path, bits: int, group: int) -> Path:
     for name, t in tensors.items():
         if name.startswith("model.layers.") and name.rsplit(".", 2)[-2] in LINEARS:
             tensors[name] = quantize(t, bits, group).dequantize(t.dtype)
-        elif name == "lm_head.weight":  # kept at 8 bits whatever the layers' (plexus.checkpoint.reader.HEAD_BITS)
-            tensors[name] = quantize(t, 8, group).dequantize(t.dtype)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
@@ -245,9 +243,8 @@ def test_the_plan_counts_the_bytes_a_quantized_rank_holds(quant_models):
     held = sum(p.numel() * p.element_size() for p in m.parameters())
     held += sum(x.qweight.nbytes for x in m.modules() if getattr(x, "qweight", None) is not None)
     pool = PoolPlan.build(engine.config, 1, "float32", 64, quant=Layout(4, 32))
-    assert m.lm_head.qweight is not None and m.lm_head.qweight.bits == 8  # the untied head: 8 bits
-    scratch = max(2 * SIZES["intermediate_size"], SIZES["vocab_size"]) * SIZES["hidden_size"] * 4  # for prefill
-    pool = PoolPlan.build(engine.config, 1, "float32", 64, quant=Layout(4, 32, head_bits=8))
+    assert m.lm_head.qweight is None  # the head stays dense under --quantize
+    scratch = 2 * SIZES["intermediate_size"] * SIZES["hidden_size"] * 4  # gate_up, dense, for prefill
     assert pool.weight_bytes(0) == held + scratch
 
 
@@ -260,7 +257,7 @@ def test_llama_70b_at_int4_plans_to_fit_three_16_gib_cards(tmp_path):
     r = run(plexus_cmd("plan", "--model", tmp_path, "--ranks", "3x16GiB", "--quantize", "int4", "--json"))
     assert r.rc == 0, r.describe()
     plan = json.loads(r.stdout)
-    assert plan["fits"] is True and plan["quantization"] == "int4 (groups of 128, LM head int8)"
+    assert plan["fits"] is True and plan["quantization"] == "int4 (groups of 128)"
     # about 4.5 bits a layer weight (codes + float32 scale and min per 128) + bf16 embeddings and head
     assert 38 * 2**30 < plan["pool_weight_bytes"] < 43 * 2**30
     r = run(plexus_cmd("plan", "--model", tmp_path, "--ranks", "3x16GiB", "--json"))

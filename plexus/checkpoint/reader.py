@@ -22,7 +22,6 @@ from plexus.quant.qweight import QuantWeight, quantize
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 READ_BLOCK_BYTES = 4 * 2**20  # large slices are copied into place in blocks of about this size
-HEAD_BITS = 8  # --quantize keeps the LM head at 8 bits whatever the layers' (as llama.cpp's Q6_K output)
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -134,8 +133,6 @@ class CheckpointReader:
         if self.quant is None:
             return w
         bits, group = self.quant
-        if prefix == "lm_head":
-            bits = HEAD_BITS
         if dim == 1 and start % group:
             raise PlexusError(f"{prefix}.weight: columns from {start} do not start a quantization group of {group}")
         return quantize(w, bits, group)

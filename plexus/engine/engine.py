@@ -102,9 +102,8 @@ def quant_layout(config: ModelConfig, quantize: str | None, group: int, source) 
         return None, None
     bits = bits_of(quantize)
     check_group(bits, group)
-    from plexus.checkpoint.reader import HEAD_BITS
-
-    return Layout(bits, group, quantize, head_bits=HEAD_BITS), None
+    # the LM head stays in --dtype, as in the checkpoints `plexus quantize` and llm-compressor write
+    return Layout(bits, group, quantize), None
 
 
 @dataclass

@@ -201,8 +201,7 @@ class ParallelLMHead(_Quantizable, nn.Module):
         if self.tied:
             return
         stored = getattr(reader, "tensor_type", None)  # a GGUF file says how each tensor is stored
-        if (stored is not None and stored(self.source) not in ("F32", "F16", "BF16")) or (
-                stored is None and getattr(reader, "quant", None) is not None):  # --quantize: the head too
+        if stored is not None and stored(self.source) not in ("F32", "F16", "BF16"):
             # a quantized head stays quantized: the logits are computed on its codes
             self._set(reader.read_linear(self.source, 0, *self.rows), self.weight.dtype, self.weight.device)
         else:
@@ -210,6 +209,11 @@ class ParallelLMHead(_Quantizable, nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor | None:
         """(..., hidden) -> (..., vocab) float32 logits on rank 0; None on other ranks."""
+        q = self.qweight
+        if q is not None and h.device.type == "cpu" and h.numel() == q.shape[1] and kernels.library(h.dtype):
+            out = torch.empty(q.shape[0])  # one row (a prefill's last position): straight from the codes
+            kernels.qmatvec(q, h.reshape(-1).float().contiguous(), out, h.dtype)
+            return self.gather(out.view(*h.shape[:-1], q.shape[0]))
         return self.gather(linear(h, self.dense_weight(h.dtype)).float())
 
     def gather(self, local: torch.Tensor) -> torch.Tensor | None:
