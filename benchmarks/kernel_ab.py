@@ -30,13 +30,17 @@ def build_at(rev: str, out_dir: Path, dtype) -> Path:
     from plexus.models import kernels
 
     src = out_dir / "decode.c"
-    for path in ("plexus/models/csrc/decode.c", "plexus/csrc/decode.c"):  # (where it was before plexus/models/)
-        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], capture_output=True)
+    for folder in ("plexus/models/csrc", "plexus/csrc"):  # (where it was before plexus/models/)
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{folder}/decode.c"], capture_output=True)
         if shown.returncode == 0:
             break
     else:
         sys.exit(f"no decode.c at {rev}: {shown.stderr.decode().strip()}")
-    src.write_bytes(shown.stdout)
+    names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", f"{rev}:{folder}"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in names:  # decode.c and the headers it includes (csrc/qdot.h)
+        (out_dir / name).write_bytes(subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{folder}/{name}"],
+                                                    capture_output=True, check=True).stdout)
     lib = out_dir / "decode.so"
     subprocess.run(["cc", *kernels.FLAGS, *kernels.DTYPE_FLAGS[dtype], "-o", str(lib), str(src), "-lm"], check=True)
     return lib
