@@ -5,6 +5,7 @@ same tokens at every world size, the splits on group boundaries and the planner'
 from __future__ import annotations
 
 import ctypes
+import os
 import json
 import shutil
 import subprocess
@@ -77,7 +78,7 @@ def _build(tmp_path: Path, flags: list[str], name: str) -> ctypes.CDLL:
     assert r.returncode == 0, r.stderr
     lib = ctypes.CDLL(str(out))
     p, f = ctypes.c_void_p, ctypes.c_long
-    lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, p, p, f, f, ctypes.c_int]
+    lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, f, p, p, f, f, ctypes.c_int]
     lib.plexus_dequant.argtypes = [p, p, p, f, f, p, f, f, ctypes.c_int]
     return lib
 
@@ -107,7 +108,7 @@ def test_kernel_dot_products_equal_the_dequantized_matrix(variant, tmp_path):
         q = quantize(torch.randn(n, k), bits, group)
         x = torch.randn(k)
         y = torch.empty(n)
-        lib.plexus_qmatvec(q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), bits, group, None,
+        lib.plexus_qmatvec(q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), bits, group, None, 0,
                            x.data_ptr(), y.data_ptr(), n, k, 2)
         ref = (q.dequantize().double() @ x.double()).float()
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4 * k ** 0.5), (bits, group, k, float((y - ref).abs().max()))
@@ -119,7 +120,7 @@ def test_kernel_dot_products_equal_the_dequantized_matrix(variant, tmp_path):
         perm = torch.randperm(k)
         permuted = QuantWeight(q.bits, q.group, q.shape, q.codes, q.scales, q.mins, perm)
         lib.plexus_qmatvec(q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), bits, group, perm.data_ptr(),
-                           x.data_ptr(), y.data_ptr(), n, k, 2)
+                           0, x.data_ptr(), y.data_ptr(), n, k, 2)
         ref = (permuted.dequantize().double() @ x.double()).float()
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4 * k ** 0.5), (bits, group, k, "perm")
 
@@ -306,3 +307,48 @@ def test_stories260k_perplexity_after_quantizing(stories_dir, tmp_path):
     assert abs(int8 / base - 1) < 0.02
     assert int4 > base  # 4 bits cost something on a model this small
     assert int4 < ref4 * 1.01  # no more than round-to-nearest itself costs
+
+
+# ---- PLEXUS_INT8_ACTIVATIONS=1: integer dot products on activations rounded to 8 bits -----------
+
+needs_vnni = pytest.mark.skipif(not _cpu_has("avx512_vnni") or kernels.library() is None,
+                                reason="the int8-activation path needs AVX-512 VNNI (and the fused kernel)")
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits,group,k", [(4, 128, 1024), (4, 32, 1024), (8, 128, 2816), (8, 32, 96)])
+def test_int8_activations_are_within_their_rounding(bits, group, k):
+    """x rounded to int8 a group (dx = max|x_g| / 127): the product is off by about dx/2 per
+    activation, weighted by (code - middle), so ~1% of the exact one; and it is not the exact one."""
+    torch.manual_seed(bits + group + k)
+    q = quantize(torch.randn(300, k), bits, group)
+    x = torch.randn(k)
+    exact, a8 = torch.empty(300), torch.empty(300)
+    kernels.qmatvec(q, x, exact, act8=False)
+    kernels.qmatvec(q, x, a8, act8=True)
+    ref = q.dequantize().double() @ x.double()
+    rel = float((a8.double() - ref).norm() / ref.norm())
+    assert 1e-4 < rel < 0.02, rel  # rounded, and not by more than the rounding costs
+    assert float((exact.double() - ref).norm() / ref.norm()) < 1e-5
+    # the bound the rounding gives, row by row: sum |code - middle| * scale * dx / 2, plus float error
+    middle = 128 if bits == 8 else 8
+    g = torch.arange(k) // group
+    dx = x.view(-1, group).abs().amax(1) / 127 if k % group == 0 else None
+    if dx is not None:
+        bound = ((q.unpacked().double() - middle).abs() * q.scales[:, g].double() * dx[g].double() / 2).sum(1)
+        assert bool(((a8.double() - ref).abs() <= bound * 1.01 + 1e-4).all())
+
+
+@needs_vnni
+def test_int8_activations_decode_the_same_tokens_at_world_sizes_1_and_2(quant_models):
+    model, refs = quant_models
+    env = {"PLEXUS_INT8_ACTIVATIONS": "1"}
+    runs = {}
+    for n in (1, 2):
+        cmd = plexus_cmd("generate", "--model", model, "--prompt", "Once upon a time there was", "--max-tokens", 16,
+                         "--json", "--quantize", "int4", "--quant-group", "32")
+        r = run_mpi(n, cmd, timeout=240, env={**os.environ, **env}) if n > 1 else run(cmd, timeout=240,
+                                                                                       env={**os.environ, **env})
+        assert r.rc == 0, r.describe()
+        runs[n] = json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]
+    assert runs[1] == runs[2] and len(runs[1]) == 16

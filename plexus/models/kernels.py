@@ -47,7 +47,14 @@ DTYPE_FLAGS = {torch.float32: [], torch.bfloat16: ["-DPLEXUS_BF16"], torch.float
 
 class _Mat(ctypes.Structure):  # struct Mat in csrc/qdot.h: a dense or quantized matrix
     _fields_ = [(n, ctypes.c_void_p) for n in ("w", "q", "s", "m")] + [(n, ctypes.c_long) for n in ("bits", "group")] + [
-        ("perm", ctypes.c_void_p)]
+        ("perm", ctypes.c_void_p), ("act8", ctypes.c_long)]
+
+
+def int8_activations() -> bool:
+    """PLEXUS_INT8_ACTIVATIONS=1: quantized layers multiply x rounded to 8 bits a group, with
+    integer dot products (csrc/qdot.h, qdot_a8; CPUs with AVX-512 VNNI): faster, no longer
+    exactly the dequantized model (as llama.cpp's quantized types). Off by default."""
+    return os.environ.get("PLEXUS_INT8_ACTIVATIONS", "0").lower() not in _OFF
 
 
 def _mat(linear, keep: list) -> _Mat:
@@ -55,14 +62,14 @@ def _mat(linear, keep: list) -> _Mat:
     q = getattr(linear, "qweight", None)
     if q is None:
         keep.append(linear.weight)
-        return _Mat(linear.weight.data_ptr(), None, None, None, 0, 0, None)
+        return _Mat(linear.weight.data_ptr(), None, None, None, 0, 0, None, 0)
     keep.extend(q.tensors())
     perm = None
     if q.perm is not None:
         perm = q.perm.to(torch.int64).contiguous()
         keep.append(perm)
     return _Mat(None, q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), q.bits, q.group,
-                None if perm is None else perm.data_ptr())
+                None if perm is None else perm.data_ptr(), int(int8_activations()))
 
 
 class _Layer(ctypes.Structure):  # struct Layer in decode.c, field for field
@@ -154,7 +161,7 @@ def library(dtype: torch.dtype = torch.float32):
                 lib.plexus_head.argtypes = [p, p, p, p, i]
                 lib.plexus_step.argtypes = [p, f, p, p, f, p, p, p, f, p, p, p, i]
                 lib.plexus_matvec.argtypes = [p, p, p, f, f, i]
-                lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, p, p, f, f, i]
+                lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, f, p, p, f, f, i]
                 lib.plexus_dequant.argtypes = [p, p, p, f, f, p, f, f, i]
                 for fn in (lib.plexus_attention, lib.plexus_mlp, lib.plexus_head, lib.plexus_matvec, lib.plexus_qmatvec,
                            lib.plexus_dequant):
@@ -214,22 +221,23 @@ def _tail_pieces(linear, first: int, rows: int) -> list[torch.Tensor]:
 def _tail_mat(layout: tuple, at: int) -> _Mat:
     """The kernel's view of a tail received at address ``at``."""
     if layout[0] == "dense":
-        return _Mat(at, None, None, None, 0, 0, None)
+        return _Mat(at, None, None, None, 0, 0, None, 0)
     codes, scales, _ = (_piece_bytes(n) for n in _layout_parts(layout))
-    return _Mat(None, at, at + codes, at + codes + scales, layout[3], layout[4], None)
+    return _Mat(None, at, at + codes, at + codes + scales, layout[3], layout[4], None, int(int8_activations()))
 
 
 def _taking_rows() -> bool:
     return os.environ.get("PLEXUS_TAKE_ROWS", "1").lower() not in _OFF
 
 
-def qmatvec(weight, x: torch.Tensor, out: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+def qmatvec(weight, x: torch.Tensor, out: torch.Tensor, dtype: torch.dtype = torch.float32,
+            act8: bool | None = None) -> None:
     """out = W @ x for a QuantWeight W (any build serves it; ``dtype`` picks which), x and out
     float32 contiguous: the kernel's quantized dot product, for the probe and tests."""
     perm = None if weight.perm is None else weight.perm.to(torch.int64).contiguous()
     library(dtype).plexus_qmatvec(weight.codes.data_ptr(), weight.scales.data_ptr(), weight.mins.data_ptr(),
                                   weight.bits, weight.group, None if perm is None else perm.data_ptr(),
-                                  x.data_ptr(), out.data_ptr(), weight.shape[0],
+                                  int(int8_activations() if act8 is None else act8), x.data_ptr(), out.data_ptr(), weight.shape[0],
                                   weight.shape[1], torch.get_num_threads())
 
 

@@ -250,13 +250,13 @@ typedef struct {
 
 
 /* y[r] = W[r] . x (+ b[r]) for rows r in [r, end); xs: x's group sums (quantized W) */
-static void matvec_rows(const Mat *W, const wt *b, const float *x, const float *xs, float *y, long r, long end,
+static void matvec_rows(const Mat *W, const wt *b, const float *x, const XPrep *xs, float *y, long r, long end,
                         long k) {
     for (; r < end; r++) y[r] = mat_dot(W, r, x, xs, k) + (b ? wf(b[r]) : 0.0f);
 }
 
 /* the same for block c of ROWS rows, the last block of n rows cut short */
-static void matvec_block(const Mat *W, const wt *b, const float *x, const float *xs, float *y, long c, long n,
+static void matvec_block(const Mat *W, const wt *b, const float *x, const XPrep *xs, float *y, long c, long n,
                          long k) {
     long end = (c + 1) * ROWS;
     matvec_rows(W, b, x, xs, y, c * ROWS, end > n ? n : end, k);
@@ -270,18 +270,23 @@ static void matvec_block(const Mat *W, const wt *b, const float *x, const float 
 static void matvec_part(const Mat *W, const wt *b, const float *x, float *y, long n, long k) {
     float xs[W->bits ? mat_groups(W, k) : 1]; /* each thread its own: k additions, against n * k */
     float xp[W->perm ? k : 1];                /* act-order: x in the stored columns' order */
+    int a8 = mat_a8(W, k);
+    int8_t x8[a8 ? k : 1];
+    float dx[a8 ? mat_groups(W, k) : 1], xc[a8 ? mat_groups(W, k) : 1];
     if (W->perm) {
         for (long j = 0; j < k; j++) xp[j] = x[W->perm[j]];
         x = xp;
     }
     group_sums(W, x, xs, k);
+    if (a8) quantize_x(x, x8, dx, xc, k, W->group);
+    XPrep P = {xs, a8 ? x8 : NULL, dx, xc};
     if (omp_get_num_threads() == 1) {
-        matvec_rows(W, b, x, xs, y, 0, n, k);
+        matvec_rows(W, b, x, &P, y, 0, n, k);
         return;
     }
     long blocks = (n + ROWS - 1) / ROWS;
 #pragma omp for schedule(guided) nowait
-    for (long c = 0; c < blocks; c++) matvec_block(W, b, x, xs, y, c, n, k);
+    for (long c = 0; c < blocks; c++) matvec_block(W, b, x, &P, y, c, n, k);
 }
 
 /* y = W x for n rows in blocks of ROWS claimed from *claim, which others may be claiming from
@@ -289,13 +294,18 @@ static void matvec_part(const Mat *W, const wt *b, const float *x, float *y, lon
 static long matvec_claimed(_Atomic long *claim, const Mat *W, const float *x, float *y, long n, long k) {
     long blocks = (n + ROWS - 1) / ROWS, done = 0;
     float xs[W->bits ? mat_groups(W, k) : 1], xp[W->perm ? k : 1];
+    int a8 = mat_a8(W, k);
+    int8_t x8[a8 ? k : 1];
+    float dx[a8 ? mat_groups(W, k) : 1], xc[a8 ? mat_groups(W, k) : 1];
     if (W->perm) {
         for (long j = 0; j < k; j++) xp[j] = x[W->perm[j]];
         x = xp;
     }
     group_sums(W, x, xs, k);
+    if (a8) quantize_x(x, x8, dx, xc, k, W->group);
+    XPrep P = {xs, a8 ? x8 : NULL, dx, xc};
     for (long b; (b = atomic_fetch_add_explicit(claim, 1, memory_order_relaxed)) < blocks; done++)
-        matvec_block(W, NULL, x, xs, y, b, n, k);
+        matvec_block(W, NULL, x, &P, y, b, n, k);
     return done;
 }
 
@@ -680,7 +690,7 @@ void plexus_matvec(const wt *W, const float *x, float *y, long n, long k, int th
  * float32, then rounded once): the torch path's prefill multiplies by it, one layer at a time */
 void plexus_dequant(const uint8_t *q, const float *s, const float *m, long bits, long group, wt *out, long n,
                     long k, int threads) {
-    Mat M = {NULL, q, s, m, bits, group, NULL}; /* act-order weights are dequantized by torch */
+    Mat M = {NULL, q, s, m, bits, group, NULL, 0}; /* act-order weights are dequantized by torch */
     long G = mat_groups(&M, k), rb = mat_row_bytes(&M, k);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < n; r++) {
@@ -715,8 +725,8 @@ void plexus_dequant(const uint8_t *q, const float *s, const float *m, long bits,
 
 /* y = W x for a quantized W (codes, scales, mins as in csrc/qdot.h), for the probe and tests */
 void plexus_qmatvec(const uint8_t *q, const float *s, const float *m, long bits, long group, const int64_t *perm,
-                    const float *x, float *y, long n, long k, int threads) {
-    Mat M = {NULL, q, s, m, bits, group, perm};
+                    long act8, const float *x, float *y, long n, long k, int threads) {
+    Mat M = {NULL, q, s, m, bits, group, perm, act8};
 #pragma omp parallel num_threads(threads)
     matvec_part(&M, NULL, x, y, n, k);
 }

@@ -14,6 +14,7 @@ typedef struct {
     const float *s, *m;   /* (rows, groups): scale and min */
     long bits, group;
     const int64_t *perm;  /* act-order: stored column j is input column perm[j]; NULL: in order */
+    long act8;            /* 1: multiply by x rounded to 8 bits a group (integer dot products, see qdot_a8) */
 } Mat;
 
 static inline long mat_groups(const Mat *M, long k) { return M->bits ? (k + M->group - 1) / M->group : 0; }
@@ -35,7 +36,7 @@ static inline Mat mat_from(const Mat *M, long r, long k) {
 }
 
 static inline Mat dense(const wt *w) {
-    Mat o = {w, NULL, NULL, NULL, 0, 0, NULL};
+    Mat o = {w, NULL, NULL, NULL, 0, 0, NULL, 0};
     return o;
 }
 
@@ -227,6 +228,103 @@ static inline float qdot(const Mat *M, long r, const float *x, const float *xs, 
 #endif
 }
 
-static inline float mat_dot(const Mat *M, long r, const float *x, const float *xs, long k) {
-    return M->bits ? qdot(M, r, x, xs, k) : dot(M->w + r * k, x, k);
+/* --int8-activations. With VNNI (vpdpbusd: 32 unsigned-code x signed-byte products summed in
+ * one instruction) the float path's widening and FMA per weight -- its ceiling at about 19 G
+ * weights/s a core on Zen 4 -- becomes integer work, as in llama.cpp's quantized types: x is
+ * rounded to int8 per group (x8 = round(x / dx), dx = max|x_g| / 127), and
+ *     w . x ~= sum_g scale_g dx_g (codes_g . x8_g) + sum_g min_g sum(x_g)
+ * (the min term still uses the exact float sums). Not the dequantized model exactly: each
+ * activation is off by up to dx/2. Groups of whole 32-blocks only; anything else takes the float
+ * path. */
+#if defined(VECTOR) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define HAVE_A8 1
+static inline int mat_a8(const Mat *M, long k) { return M->act8 && M->bits && M->group % 32 == 0 && k % 32 == 0; }
+
+/* x8, dx as above; and xc[g] = the rounding error of group g's sum, sum(x8 dx) - sum(x): the
+ * codes' middle value times it is taken off again, so what the rounding costs is only
+ * sum((code - middle) * error), not sum(code * error) */
+static void quantize_x(const float *x, int8_t *x8, float *dx, float *xc, long k, long g) {
+    for (long i = 0, G = (k + g - 1) / g; i < G; i++) {
+        long a = i * g, b = a + g < k ? a + g : k;
+        float mx = 0.0f, err = 0.0f;
+        for (long j = a; j < b; j++) mx = fabsf(x[j]) > mx ? fabsf(x[j]) : mx;
+        float d = mx / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+        dx[i] = d;
+        for (long j = a; j < b; j++) {
+            x8[j] = (int8_t)lrintf(x[j] * inv);
+            err += (float)x8[j] * d - x[j];
+        }
+        xc[i] = err;
+    }
+}
+
+static inline float qdot_a8(const Mat *M, long r, const int8_t *x8, const float *dx, const float *xc, const float *xs,
+                            long k) {
+    const float middle = M->bits == 8 ? 128.0f : 8.0f;
+    long G = mat_groups(M, k), g = M->group;
+    const uint8_t *q = M->q + r * mat_row_bytes(M, k);
+    const float *s = M->s + r * G, *m = M->m + r * G;
+    const __m128i low = _mm_set1_epi8(0x0f);
+    __m256 facc = _mm256_setzero_ps();
+    float rest = 0.0f;
+    for (long i = 0; i < G; i++) {
+        long a = i * g, b = a + g < k ? a + g : k;
+        __m256i acc = _mm256_setzero_si256(), acc1 = acc; /* two chains: vpdpbusd's latency is ~5 cycles */
+        _mm_prefetch((const char *)q + (M->bits == 8 ? a : a / 2) + QAHEAD, _MM_HINT_T0);
+        long j = a;
+        if (M->bits == 4) {
+            for (; j + 64 <= b; j += 64) {
+                __m128i v = _mm_loadu_si128((const __m128i *)(q + j / 2));
+                __m128i u = _mm_loadu_si128((const __m128i *)(q + j / 2 + 16));
+                __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+                __m256i w1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(u, 4), low), _mm_and_si128(u, low));
+                acc = _mm256_dpbusd_epi32(acc, w, _mm256_loadu_si256((const __m256i *)(x8 + j)));
+                acc1 = _mm256_dpbusd_epi32(acc1, w1, _mm256_loadu_si256((const __m256i *)(x8 + j + 32)));
+            }
+            for (; j < b; j += 32) {
+                __m128i v = _mm_loadu_si128((const __m128i *)(q + j / 2));
+                __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+                acc = _mm256_dpbusd_epi32(acc, w, _mm256_loadu_si256((const __m256i *)(x8 + j)));
+            }
+        } else {
+            for (; j + 64 <= b; j += 64) {
+                acc = _mm256_dpbusd_epi32(acc, _mm256_loadu_si256((const __m256i *)(q + j)),
+                                          _mm256_loadu_si256((const __m256i *)(x8 + j)));
+                acc1 = _mm256_dpbusd_epi32(acc1, _mm256_loadu_si256((const __m256i *)(q + j + 32)),
+                                           _mm256_loadu_si256((const __m256i *)(x8 + j + 32)));
+            }
+            for (; j < b; j += 32)
+                acc = _mm256_dpbusd_epi32(acc, _mm256_loadu_si256((const __m256i *)(q + j)),
+                                          _mm256_loadu_si256((const __m256i *)(x8 + j)));
+        }
+        acc = _mm256_add_epi32(acc, acc1);
+        facc = _mm256_fmadd_ps(_mm256_set1_ps(s[i] * dx[i]), _mm256_cvtepi32_ps(acc), facc);
+        rest += m[i] * xs[i] - middle * s[i] * xc[i];
+    }
+    return sum8(facc) + rest;
+}
+#else
+static inline int mat_a8(const Mat *M, long k) { (void)M; (void)k; return 0; }
+static void quantize_x(const float *x, int8_t *x8, float *dx, float *xc, long k, long g) {
+    (void)x; (void)x8; (void)dx; (void)xc; (void)k; (void)g;
+}
+static inline float qdot_a8(const Mat *M, long r, const int8_t *x8, const float *dx, const float *xc, const float *xs,
+                            long k) {
+    (void)M; (void)r; (void)x8; (void)dx; (void)xc; (void)xs; (void)k;
+    return 0.0f;
+}
+#endif
+
+/* what a product over x needs, made once per matrix-vector product: the group sums, and for
+ * --int8-activations x in 8 bits */
+typedef struct {
+    const float *xs;
+    const int8_t *x8;
+    const float *dx, *xc;
+} XPrep;
+
+static inline float mat_dot(const Mat *M, long r, const float *x, const XPrep *P, long k) {
+    if (!M->bits) return dot(M->w + r * k, x, k);
+    if (P->x8) return qdot_a8(M, r, P->x8, P->dx, P->xc, P->xs, k);
+    return qdot(M, r, x, P->xs, k);
 }
