@@ -239,7 +239,24 @@ def make_hf_checkpoint(kind: str, out_dir: str | Path, seed: int = 0, dtype: str
     sizes.setdefault("pad_token_id", None)
     config = config_cls(**sizes)
     torch.manual_seed(seed)
-    model = model_cls(config)
+    model = redraw_weights(model_cls(config), seed)
+    model = model.to(getattr(torch, dtype))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(out), safe_serialization=True, **kwargs)
+    if tokenizer_from is not None:
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if (Path(tokenizer_from) / f).is_file():
+                shutil.copy(Path(tokenizer_from) / f, out / f)
+    return out
+
+
+def redraw_weights(model, seed: int):
+    """``model``'s weights re-drawn from a seeded generator at scales that make every layer matter
+    (see make_hf_checkpoint); returns the model."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -251,16 +268,7 @@ def make_hf_checkpoint(kind: str, out_dir: str | Path, seed: int = 0, dtype: str
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
-    model = model.to(getattr(torch, dtype))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(str(out), safe_serialization=True, **kwargs)
-    if tokenizer_from is not None:
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            if (Path(tokenizer_from) / f).is_file():
-                shutil.copy(Path(tokenizer_from) / f, out / f)
-    return out
+    return model
 
 
 def hf_reference(model_dir: str | Path, prompt_ids: Sequence[int], max_new_tokens: int = 24,

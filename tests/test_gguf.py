@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import STORIES_DIR, assert_clean_error, plexus_cmd, run
+from tests.helpers import STORIES_DIR, assert_clean_error, plexus_cmd, redraw_weights, run
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (pip install gguf) writes the test files")
 transformers = pytest.importorskip("transformers")
@@ -115,19 +115,7 @@ def make_model(kind: str = "llama", seed: int = 0, **overrides):
     if kind == "qwen2":
         sizes.setdefault("tie_word_embeddings", True)
     torch.manual_seed(seed)
-    model = cls[1](cls[0](**sizes))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # every layer matters (as tests/helpers.make_hf_checkpoint draws them)
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(".bias"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-            elif name == "model.embed_tokens.weight":
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
-    return model.eval()
+    return redraw_weights(cls[1](cls[0](**sizes)), seed).eval()  # every layer matters
 
 
 def write_gguf(path: Path, model, qtype=Q.F32, arch: str | None = None, vocab: tuple | None = None,

@@ -249,6 +249,23 @@ typedef struct {
 } Scratch;
 
 
+/* What every product over x with a matrix W needs first, made by each thread in its own stack
+ * (k additions and roundings, against n * k multiply-adds): x permuted to W's stored column
+ * order (act-order), x's group sums, and for --int8-activations x in 8 bits. Declares
+ * ``XPrep P`` (and the arrays it points into) in the caller's scope; may repoint x. */
+#define PREPARE_X(W, x, k, P)                                                                   \
+    float xs_[(W)->bits ? mat_groups(W, k) : 1], xp_[(W)->perm ? (k) : 1];                     \
+    int a8_ = mat_a8(W, k);                                                                    \
+    int8_t x8_[a8_ ? (k) : 1];                                                                 \
+    float dx_[a8_ ? mat_groups(W, k) : 1], xc_[a8_ ? mat_groups(W, k) : 1];                    \
+    if ((W)->perm) {                                                                           \
+        for (long j_ = 0; j_ < (k); j_++) xp_[j_] = (x)[(W)->perm[j_]];                        \
+        (x) = xp_;                                                                             \
+    }                                                                                          \
+    group_sums(W, x, xs_, k);                                                                  \
+    if (a8_) quantize_x(x, x8_, dx_, xc_, k, (W)->group);                                      \
+    XPrep P = {xs_, a8_ ? x8_ : NULL, dx_, xc_}
+
 /* y[r] = W[r] . x (+ b[r]) for rows r in [r, end); xs: x's group sums (quantized W) */
 static void matvec_rows(const Mat *W, const wt *b, const float *x, const XPrep *xs, float *y, long r, long end,
                         long k) {
@@ -268,18 +285,7 @@ static void matvec_block(const Mat *W, const wt *b, const float *x, const XPrep 
  * even split (benchmarks/kernel_ab.py). No wait at the end: callers pass a barrier before
  * reading y. */
 static void matvec_part(const Mat *W, const wt *b, const float *x, float *y, long n, long k) {
-    float xs[W->bits ? mat_groups(W, k) : 1]; /* each thread its own: k additions, against n * k */
-    float xp[W->perm ? k : 1];                /* act-order: x in the stored columns' order */
-    int a8 = mat_a8(W, k);
-    int8_t x8[a8 ? k : 1];
-    float dx[a8 ? mat_groups(W, k) : 1], xc[a8 ? mat_groups(W, k) : 1];
-    if (W->perm) {
-        for (long j = 0; j < k; j++) xp[j] = x[W->perm[j]];
-        x = xp;
-    }
-    group_sums(W, x, xs, k);
-    if (a8) quantize_x(x, x8, dx, xc, k, W->group);
-    XPrep P = {xs, a8 ? x8 : NULL, dx, xc};
+    PREPARE_X(W, x, k, P);
     if (omp_get_num_threads() == 1) {
         matvec_rows(W, b, x, &P, y, 0, n, k);
         return;
@@ -293,17 +299,7 @@ static void matvec_part(const Mat *W, const wt *b, const float *x, float *y, lon
  * too: each block is done once, by whoever claims it */
 static long matvec_claimed(_Atomic long *claim, const Mat *W, const float *x, float *y, long n, long k) {
     long blocks = (n + ROWS - 1) / ROWS, done = 0;
-    float xs[W->bits ? mat_groups(W, k) : 1], xp[W->perm ? k : 1];
-    int a8 = mat_a8(W, k);
-    int8_t x8[a8 ? k : 1];
-    float dx[a8 ? mat_groups(W, k) : 1], xc[a8 ? mat_groups(W, k) : 1];
-    if (W->perm) {
-        for (long j = 0; j < k; j++) xp[j] = x[W->perm[j]];
-        x = xp;
-    }
-    group_sums(W, x, xs, k);
-    if (a8) quantize_x(x, x8, dx, xc, k, W->group);
-    XPrep P = {xs, a8 ? x8 : NULL, dx, xc};
+    PREPARE_X(W, x, k, P);
     for (long b; (b = atomic_fetch_add_explicit(claim, 1, memory_order_relaxed)) < blocks; done++)
         matvec_block(W, NULL, x, &P, y, b, n, k);
     return done;
