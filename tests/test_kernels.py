@@ -171,7 +171,7 @@ def test_waiting_for_a_node_peer_gives_up(stories_engine, peer, where):
         layer, width = model.fused.layers[0], model.layers[0].self_attn.num_heads_per_rank * model.config.head_dim
         tail = torch.zeros(8 * width)
         layer.o_tail, layer.tail_rows, layer.o_tail_cols = kernels._Mat(tail.data_ptr(), None, None, None, 0, 0,
-                                                                         None), 8, width
+                                                                         None, 0, 0), 8, width
     group.struct.timeout_s = 0.5 if peer == "stalled" else 60
     model.fused.group = group
     t0 = time.monotonic()

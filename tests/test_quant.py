@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from plexus.checkpoint.quant_base import assemble_columns
 from plexus.models import kernels
 from plexus.quant.qweight import QuantWeight, concat_rows, quantize, widen
 from tests.helpers import (assert_clean_error, hf_reference, make_hf_checkpoint, plexus_cmd, run, run_mpi)
@@ -78,7 +79,7 @@ def _build(tmp_path: Path, flags: list[str], name: str) -> ctypes.CDLL:
     assert r.returncode == 0, r.stderr
     lib = ctypes.CDLL(str(out))
     p, f = ctypes.c_void_p, ctypes.c_long
-    lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, f, p, p, f, f, ctypes.c_int]
+    lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, f, f, p, p, f, f, ctypes.c_int]
     lib.plexus_dequant.argtypes = [p, p, p, f, f, p, f, f, ctypes.c_int]
     return lib
 
@@ -108,7 +109,7 @@ def test_kernel_dot_products_equal_the_dequantized_matrix(variant, tmp_path):
         q = quantize(torch.randn(n, k), bits, group)
         x = torch.randn(k)
         y = torch.empty(n)
-        lib.plexus_qmatvec(q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), bits, group, None, 0,
+        lib.plexus_qmatvec(q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), bits, group, None, 0, 0,
                            x.data_ptr(), y.data_ptr(), n, k, 2)
         ref = (q.dequantize().double() @ x.double()).float()
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4 * k ** 0.5), (bits, group, k, float((y - ref).abs().max()))
@@ -120,9 +121,23 @@ def test_kernel_dot_products_equal_the_dequantized_matrix(variant, tmp_path):
         perm = torch.randperm(k)
         permuted = QuantWeight(q.bits, q.group, q.shape, q.codes, q.scales, q.mins, perm)
         lib.plexus_qmatvec(q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), bits, group, perm.data_ptr(),
-                           0, x.data_ptr(), y.data_ptr(), n, k, 2)
+                           k, 0, x.data_ptr(), y.data_ptr(), n, k, 2)
         ref = (permuted.dequantize().double() @ x.double()).float()
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4 * k ** 0.5), (bits, group, k, "perm")
+        # a row-parallel slice of an act-order weight: groups' runs padded with columns reading 0
+        if group % 32 == 0 or bits == 8:
+            full = 3 * k
+            g_idx = torch.randperm(full) % -(-full // group)
+            scales, zeros = torch.rand(n, -(-full // group)) + 0.1, torch.randint(0, 1 << bits, (n, -(-full // group)))
+            codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8)
+            part = assemble_columns(codes, scales, zeros, bits, group, g_idx, k)  # input columns [k, 2k)
+            assert part.stored_columns > k and (part.perm < 0).any()
+            dense = scales[:, g_idx[k:2 * k]] * (codes.float() - zeros[:, g_idx[k:2 * k]])
+            assert torch.allclose(part.dequantize(), dense, rtol=1e-5, atol=1e-4), (bits, group, k, "padded")
+            lib.plexus_qmatvec(part.codes.data_ptr(), part.scales.data_ptr(), part.mins.data_ptr(), bits, part.group,
+                               part.perm.data_ptr(), part.stored_columns, 0, x.data_ptr(), y.data_ptr(), n, k, 2)
+            ref = (dense.double() @ x.double()).float()
+            assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4 * k ** 0.5), (bits, group, k, "padded")
 
 
 @needs_cc

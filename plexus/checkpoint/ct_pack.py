@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from plexus.checkpoint.quant_base import (Format, act_order_perm, assemble, locate, read_checked,
+from plexus.checkpoint.quant_base import (Format, act_order_perm, assemble, assemble_columns, locate, read_checked,
                                           unpack_words)
 from plexus.errors import PlexusError
 from plexus.quant.qweight import QuantWeight
@@ -89,13 +89,12 @@ class CompressedTensorsFormat(Format):
             self.check_rows(wz, start, end, out, pack)
         elif dim == 1:
             self.check_columns(wp, start, end, cols, pack)
-        perm = None
+        perm = g_idx = None
         if gi in reader.location:
-            perm = act_order_perm(gi, read_checked(reader, gi, (cols,), what), group, cols)
-        if dim == 1 and perm is not None:
-            raise PlexusError(f"{prefix}: act-order (weight_g_idx) weights cannot be split along their input "
-                              f"across ranks yet (asked for input columns {start}-{end} of {cols}); run it on "
-                              "one rank")
+            g_idx = read_checked(reader, gi, (cols,), what)
+            if g_idx.min() < 0 or g_idx.max() >= groups:
+                raise PlexusError(f"{reader.location[gi][0].name}: tensor {gi} names groups outside 0-{groups - 1}")
+            perm = act_order_perm(gi, g_idx, group, cols)
         zp = None
         if dim == 0:
             if not self.symmetric:
@@ -103,7 +102,7 @@ class CompressedTensorsFormat(Format):
             q, s = reader.read(wp, 0, start, end), reader.read(ws, 0, start, end)
             nrows, ncols = end - start, cols
         elif dim == 1:
-            g0, g1 = start // group, _ceil(end, group)
+            g0, g1 = (0, groups) if perm is not None else (start // group, _ceil(end, group))  # act-order: any group
             q, s = reader.read(wp, 1, start // pack, _ceil(end, pack)), reader.read(ws, 1, g0, g1)
             if not self.symmetric:
                 zp = reader.read(wz, 1, g0, g1)
@@ -122,6 +121,8 @@ class CompressedTensorsFormat(Format):
             zeros = torch.full(s.shape, float(1 << (bits - 1)))
         else:
             zeros = unpack_words(zp, bits, axis=0)[:nrows].float()
+        if dim == 1 and perm is not None:
+            return assemble_columns(codes, s.float(), zeros, bits, group, g_idx, start)
         return assemble(codes, s.float(), zeros, bits, group, perm)
 
 

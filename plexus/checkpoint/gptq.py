@@ -16,8 +16,9 @@ own v2 -> v1 export (a word minus that constant, borrows included). Where no sto
 this equals AutoGPTQ's per-field "z + 1"; where one is, the older kernels read a zero of 16 and
 GPTQModel carries into the next field, and Plexus follows GPTQModel. ``gptq_v2`` stores the zero
 points as they are. ``desc_act`` (act-order) checkpoints have a g_idx that is not column // group:
-the weight's columns are stored sorted by group (QuantWeight.perm), which works for whole weights
-and output-row slices; an input-column (row-parallel) split of such a weight is refused.
+the weight's columns are stored sorted by group (QuantWeight.perm); a rank's input-column
+(row-parallel) slice of such a weight reads every group's scales and zeros and is stored in
+padded runs (quant_base.assemble_columns).
 
 AWQ (AutoAWQ, ``quant_method: awq``, ``version: gemm``), 4-bit only:
 
@@ -33,8 +34,8 @@ import re
 
 import torch
 
-from plexus.checkpoint.quant_base import (Format, act_order_perm, assemble, locate, read_checked,
-                                          unpack_words)
+from plexus.checkpoint.quant_base import (Format, act_order_perm, assemble, assemble_columns, locate,
+                                          read_checked, unpack_words)
 from plexus.errors import PlexusError
 
 AWQ_FIELD_OF_OUTPUT = [0, 4, 1, 5, 2, 6, 3, 7]  # output j of a word sits in field [j] (AutoAWQ's reverse order)
@@ -87,16 +88,12 @@ class GPTQFormat(Format):
             self.check_rows(qz, start, end, out, pack)
         elif dim == 1:
             self.check_columns(qw, start, end, cols, pack)
-        perm = None
+        perm = g_idx = None
         if gi in reader.location or self.act_order:
             g_idx = read_checked(reader, gi, (cols,), what)
             if g_idx.min() < 0 or g_idx.max() >= groups:
                 raise PlexusError(f"{reader.location[gi][0].name}: tensor {gi} names groups outside 0-{groups - 1}")
             perm = act_order_perm(gi, g_idx, group, cols)
-        if dim == 1 and perm is not None:
-            raise PlexusError(f"{prefix}: act-order (desc_act) GPTQ weights cannot be split along their input "
-                              f"across ranks yet (asked for input columns {start}-{end} of {cols}); run it on one "
-                              "rank, or use a checkpoint quantized with desc_act false")
         if dim == 0:
             q = reader.read(qw, 1, start, end)
             z = reader.read(qz, 1, start // pack, _ceil(end, pack))
@@ -104,7 +101,7 @@ class GPTQFormat(Format):
             ncols, nrows = cols, end - start
         elif dim == 1:
             q = reader.read(qw, 0, start // pack, _ceil(end, pack))
-            g0, g1 = start // group, _ceil(end, group)
+            g0, g1 = (0, groups) if perm is not None else (start // group, _ceil(end, group))  # act-order: any group
             z, s = reader.read(qz, 0, g0, g1), reader.read(sc, 0, g0, g1)
             ncols, nrows = end - start, out
         else:
@@ -116,6 +113,8 @@ class GPTQFormat(Format):
             z = z.to(torch.int64) + V1_ONES[bits]  # unpack_words keeps the low 32 bits: the carry out drops
         codes = unpack_words(q, bits, axis=0)[:ncols].t()
         zeros = unpack_words(z, bits, axis=1)[:, :nrows].t().float()
+        if dim == 1 and perm is not None:
+            return assemble_columns(codes, s.t(), zeros, bits, group, g_idx, start)
         return assemble(codes, s.t(), zeros, bits, group, perm)
 
     @staticmethod

@@ -19,7 +19,7 @@ import re
 import torch
 
 from plexus.errors import PlexusError
-from plexus.quant.qweight import QuantWeight, from_integers, row_bytes
+from plexus.quant.qweight import QuantWeight, from_integers, pack, padded_bytes, padded_runs, row_bytes
 
 CHUNK_WORDS = 1 << 20  # packed words unpacked at a time (bounds the int64 temporaries)
 
@@ -58,6 +58,18 @@ class Format:
         not counted here (QuantWeight.nbytes does not count it either)."""
         groups = 1 if self.group is None else -(-cols // self.group)
         return out * (row_bytes(self.bits, cols) + 8 * groups)
+
+    def input_slice_bytes(self, out: int, cols: int, total: int) -> int:
+        """The planner's bytes for ``cols`` of a weight's ``total`` input columns (a row-parallel
+        slice). An act-order slice's columns come from groups all over the row and are stored in
+        padded runs (see plexus.quant.qweight.padded_runs): at most one run per group it touches,
+        each padded by less than the kernel's block, its bytes counted at that block as the unit
+        (the loader's choice of unit takes no more)."""
+        if not self.act_order or cols >= total or self.group is None:
+            return self.linear_bytes(out, cols)
+        block = 32 if self.bits == 4 else 16
+        runs = min(-(-total // self.group), cols)
+        return out * padded_bytes(self.bits, [cols + runs * (block - 1)], block) if out and cols else 0
 
     def linear_bytes(self, rows: int, columns: int) -> int:
         """weight_bytes under the planner's name (plexus.parallel.plan.QuantShape): a Format can
@@ -198,6 +210,24 @@ def assemble(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: i
     w = from_integers(q.contiguous(), _packed(scales), _packed(zeros), bits, group)
     w.perm = perm
     return w
+
+
+def assemble_columns(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
+                     g_idx: torch.Tensor, start: int) -> QuantWeight:
+    """QuantWeight of input columns [start, start + q.shape[1]) of an act-order weight (a
+    row-parallel slice), stored as plexus.quant.qweight.padded_runs says: ``q`` uint8 codes (out,
+    the slice's columns) in input order; ``scales``, ``zeros`` (out, all the weight's groups);
+    ``g_idx`` the whole weight's group of each input column. The slice's perm indexes its own
+    input (the rank's part of x), -1 for padding."""
+    out, ncols = q.shape
+    perm, of_unit, unit = padded_runs(g_idx[start:start + ncols], bits, group)
+    real = perm >= 0
+    codes = q.new_zeros(out, perm.numel())
+    codes[:, real] = q[:, perm[real]]
+    units = torch.tensor(of_unit, dtype=torch.int64)
+    s = scales.float()[:, units]
+    return QuantWeight(bits, unit, (out, ncols), pack(codes, bits), _packed(s),
+                       _packed(-s * zeros.float()[:, units]), perm)
 
 
 def _packed(t: torch.Tensor) -> torch.Tensor:

@@ -144,9 +144,6 @@ class Engine:
             torch_dtype = resolve_dtype(dtype, config)
             ctx = context_length(config, max_context)
             layout, fmt = quant_layout(config, quantize, quant_group, model_dir)
-            if getattr(fmt, "act_order", False) and comm.size > 1:
-                raise PlexusError(f"{model_dir}: act-order (desc_act) GPTQ weights cannot be split along their input "
-                                  "yet: run this checkpoint on one rank, or use one quantized without desc_act")
         except PlexusError as e:
             error = str(e)
         comm.agree(error)

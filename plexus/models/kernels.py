@@ -47,7 +47,7 @@ DTYPE_FLAGS = {torch.float32: [], torch.bfloat16: ["-DPLEXUS_BF16"], torch.float
 
 class _Mat(ctypes.Structure):  # struct Mat in csrc/qdot.h: a dense or quantized matrix
     _fields_ = [(n, ctypes.c_void_p) for n in ("w", "q", "s", "m")] + [(n, ctypes.c_long) for n in ("bits", "group")] + [
-        ("perm", ctypes.c_void_p), ("act8", ctypes.c_long)]
+        ("perm", ctypes.c_void_p), ("ks", ctypes.c_long), ("act8", ctypes.c_long)]
 
 
 def int8_activations() -> bool:
@@ -62,14 +62,14 @@ def _mat(linear, keep: list) -> _Mat:
     q = getattr(linear, "qweight", None)
     if q is None:
         keep.append(linear.weight)
-        return _Mat(linear.weight.data_ptr(), None, None, None, 0, 0, None, 0)
+        return _Mat(linear.weight.data_ptr(), None, None, None, 0, 0, None, 0, 0)
     keep.extend(q.tensors())
     perm = None
     if q.perm is not None:
         perm = q.perm.to(torch.int64).contiguous()
         keep.append(perm)
     return _Mat(None, q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), q.bits, q.group,
-                None if perm is None else perm.data_ptr(), int(int8_activations()))
+                None if perm is None else perm.data_ptr(), q.stored_columns, int(int8_activations()))
 
 
 class _Layer(ctypes.Structure):  # struct Layer in decode.c, field for field
@@ -161,7 +161,7 @@ def library(dtype: torch.dtype = torch.float32):
                 lib.plexus_head.argtypes = [p, p, p, p, i]
                 lib.plexus_step.argtypes = [p, f, p, p, f, p, p, p, f, p, p, p, i]
                 lib.plexus_matvec.argtypes = [p, p, p, f, f, i]
-                lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, f, p, p, f, f, i]
+                lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, f, f, p, p, f, f, i]
                 lib.plexus_dequant.argtypes = [p, p, p, f, f, p, f, f, i]
                 for fn in (lib.plexus_attention, lib.plexus_mlp, lib.plexus_head, lib.plexus_matvec, lib.plexus_qmatvec,
                            lib.plexus_dequant):
@@ -221,9 +221,9 @@ def _tail_pieces(linear, first: int, rows: int) -> list[torch.Tensor]:
 def _tail_mat(layout: tuple, at: int) -> _Mat:
     """The kernel's view of a tail received at address ``at``."""
     if layout[0] == "dense":
-        return _Mat(at, None, None, None, 0, 0, None, 0)
+        return _Mat(at, None, None, None, 0, 0, None, 0, 0)
     codes, scales, _ = (_piece_bytes(n) for n in _layout_parts(layout))
-    return _Mat(None, at, at + codes, at + codes + scales, layout[3], layout[4], None, int(int8_activations()))
+    return _Mat(None, at, at + codes, at + codes + scales, layout[3], layout[4], None, 0, int(int8_activations()))
 
 
 def _taking_rows() -> bool:
@@ -237,7 +237,7 @@ def qmatvec(weight, x: torch.Tensor, out: torch.Tensor, dtype: torch.dtype = tor
     perm = None if weight.perm is None else weight.perm.to(torch.int64).contiguous()
     library(dtype).plexus_qmatvec(weight.codes.data_ptr(), weight.scales.data_ptr(), weight.mins.data_ptr(),
                                   weight.bits, weight.group, None if perm is None else perm.data_ptr(),
-                                  int(int8_activations() if act8 is None else act8), x.data_ptr(), out.data_ptr(), weight.shape[0],
+                                  weight.stored_columns, int(int8_activations() if act8 is None else act8), x.data_ptr(), out.data_ptr(), weight.shape[0],
                                   weight.shape[1], torch.get_num_threads())
 
 
@@ -357,7 +357,9 @@ class FusedDecoder:
         mine.append((model.lm_head, self.ends.rows - own_head, own_head))
         layouts = comm.allgather_obj([_tail_layout(m, n) for m, _, n in mine])[nxt]  # what the next rank sends
         need = sum(_layout_bytes(x) for x in layouts)
+        permuted = any(getattr(m.qweight, "perm", None) is not None for m, _, _ in mine)
         why = ("PLEXUS_TAKE_ROWS=0" if not _taking_rows() else "no rows to take" if rows == 0 else
+               "act-order weights" if permuted else
                f"rank {comm.rank} has {spare_bytes:,} bytes to spare, not {need:,}"
                if spare_bytes is not None and need > spare_bytes else None)
         whys = [w for w in comm.allgather_obj(why) if w]

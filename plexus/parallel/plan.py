@@ -206,8 +206,10 @@ class ShardPlan:
         c, s = self.config, self.shards[rank]
         h, d = c.hidden_size, c.head_dim
         qkv_rows = (s.num_heads + 2 * s.num_kv_heads) * d
-        linears = (quant.linear_bytes(qkv_rows, h) + quant.linear_bytes(h, s.num_heads * d)
-                   + quant.linear_bytes(2 * s.intermediate, h) + quant.linear_bytes(h, s.intermediate))
+        # a row-parallel slice may take more than its share of a whole weight's bytes (act-order)
+        sliced = getattr(quant, "input_slice_bytes", lambda rows, cols, total: quant.linear_bytes(rows, cols))
+        linears = (quant.linear_bytes(qkv_rows, h) + sliced(h, s.num_heads * d, c.num_heads * d)
+                   + quant.linear_bytes(2 * s.intermediate, h) + sliced(h, s.intermediate, c.intermediate_size))
         dense = self.weight_elements(rank) - c.num_layers * (qkv_rows * h + s.num_heads * d * h + 3 * s.intermediate * h)
         # and the scratch buffer prefill dequantizes each layer's weight into, the largest one's size
         scratch = max(qkv_rows * h, s.num_heads * d * h, 2 * s.intermediate * h)

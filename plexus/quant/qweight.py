@@ -17,6 +17,12 @@ Codes are laid out for the decode kernel (plexus/models/csrc/decode.c):
 
 Slicing stays the shard plan's job: ``rows`` cuts output rows (column-parallel layers),
 ``columns`` input columns on group boundaries (row-parallel layers); a rank holds only its slice.
+
+Act-order (GPTQ desc_act) weights store their columns permuted (``perm``), sorted by group. A
+row-parallel rank's input columns of such a weight come from groups scattered over the whole row:
+``padded_runs`` stores them sorted by group, each group's run padded to whole units of columns
+that read the input as 0 (perm -1), each unit with its group's scale and min — exact, for some
+more bytes (``padded_bytes``; the planner counts a bound of them).
 """
 
 from __future__ import annotations
@@ -89,12 +95,12 @@ class QuantWeight:
     codes: torch.Tensor   # uint8 (out, row_bytes(bits, in))
     scales: torch.Tensor  # float32 (out, groups)
     mins: torch.Tensor    # float32 (out, groups)
-    # act-order (GPTQ desc_act): stored column j is the weight's input column perm[j] (int64 (in,));
-    # None: columns in order. Only where a layer's input is not split across ranks.
+    # act-order (GPTQ desc_act): stored column j is the weight's input column perm[j] (int64, one
+    # per stored column; -1: padding, reads the input as 0); None: the ``in`` columns in order
     perm: torch.Tensor | None = None
 
     def __post_init__(self):
-        out, cols = self.shape
+        out, cols = self.shape[0], self.stored_columns
         groups = -(-cols // self.group)
         want = {"codes": (torch.uint8, (out, row_bytes(self.bits, cols))),
                 "scales": (torch.float32, (out, groups)), "mins": (torch.float32, (out, groups))}
@@ -103,6 +109,11 @@ class QuantWeight:
             if t.dtype != dtype or tuple(t.shape) != shape:
                 raise PlexusError(f"quantized weight {list(self.shape)}: {name} is {t.dtype} {list(t.shape)}, "
                                   f"expected {dtype} {list(shape)}")
+
+    @property
+    def stored_columns(self) -> int:
+        """Columns each row stores: ``in``, or more where a permutation pads groups' runs."""
+        return self.shape[1] if self.perm is None else self.perm.numel()
 
     @property
     def nbytes(self) -> int:
@@ -118,8 +129,8 @@ class QuantWeight:
     # ---- codes <-> integers --------------------------------------------------------------
 
     def unpacked(self) -> torch.Tensor:
-        """The integer codes as uint8 (out, in)."""
-        out, cols = self.shape
+        """The integer codes as uint8 (out, stored columns)."""
+        out, cols = self.shape[0], self.stored_columns
         if self.bits == 8:
             return self.codes
         blocks = self.codes.view(out, -1, BLOCK4 // 2)
@@ -128,12 +139,12 @@ class QuantWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W as a dense (out, in) tensor: scales * codes + mins, computed in float32."""
-        out, cols = self.shape
         q = self.unpacked().float()
-        g = torch.arange(cols, device=q.device) // self.group
+        g = torch.arange(self.stored_columns, device=q.device) // self.group
         w = q * self.scales[:, g] + self.mins[:, g]
         if self.perm is not None:
-            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+            real = self.perm >= 0
+            w = w.new_empty(self.shape).index_copy_(1, self.perm[real], w[:, real])
         return w.to(dtype)
 
     # ---- slices --------------------------------------------------------------------------
@@ -158,6 +169,34 @@ class QuantWeight:
     def to(self, device) -> "QuantWeight":
         return QuantWeight(self.bits, self.group, self.shape, *(t.to(device) for t in self.tensors()),
                            None if self.perm is None else self.perm.to(device))
+
+
+def padded_bytes(bits: int, runs: list[int], unit: int) -> int:
+    """Bytes a row takes storing runs of ``runs`` columns each padded to whole units of ``unit``."""
+    stored = sum(-(-c // unit) * unit for c in runs)
+    return row_bytes(bits, stored) + 8 * (stored // unit)
+
+
+def padded_runs(groups: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, list[int], int]:
+    """How to store input columns whose groups are ``groups`` (int, one per column, any order):
+    (perm, the group of each unit, unit). perm lists the columns sorted by group (stably), each
+    group's run followed by -1s up to a whole unit; the unit is the multiple of the kernel's block
+    (32 columns at 4 bits, 16 at 8) up to ``group`` that takes the fewest bytes."""
+    g = groups.to(torch.int64)
+    order = torch.argsort(g, stable=True)
+    present, counts = torch.unique_consecutive(g[order], return_counts=True)
+    runs = counts.tolist()
+    units = [BLOCK4 if bits == 4 else 16]
+    while units[-1] * 2 <= group:
+        units.append(units[-1] * 2)
+    unit = min(units, key=lambda u: (padded_bytes(bits, runs, u), -u))
+    perm, of_unit, at = [], [], 0
+    for grp, c in zip(present.tolist(), runs):
+        pad = -c % unit
+        perm += [order[at:at + c], torch.full((pad,), -1, dtype=torch.int64)]
+        of_unit += [grp] * ((c + pad) // unit)
+        at += c
+    return torch.cat(perm), of_unit, unit
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -237,7 +276,7 @@ def widen(w: QuantWeight, bits: int, group: int) -> QuantWeight:
     if bits < w.bits or w.group % group:
         raise PlexusError(f"cannot store {w.bits}-bit groups of {w.group} as {bits}-bit groups of {group}")
     k = w.group // group
-    cols = w.shape[1]
+    cols = w.stored_columns
     groups = -(-cols // group)
     scales = w.scales.repeat_interleave(k, dim=1)[:, :groups]
     mins = w.mins.repeat_interleave(k, dim=1)[:, :groups]

@@ -251,16 +251,18 @@ typedef struct {
 
 /* What every product over x with a matrix W needs first, made by each thread in its own stack
  * (k additions and roundings, against n * k multiply-adds): x permuted to W's stored column
- * order (act-order), x's group sums, and for --int8-activations x in 8 bits. Declares
- * ``XPrep P`` (and the arrays it points into) in the caller's scope; may repoint x. */
+ * order (act-order; a stored column with perm < 0 is padding and reads 0), x's group sums, and
+ * for --int8-activations x in 8 bits. Declares ``XPrep P`` (and the arrays it points into) in the
+ * caller's scope; may repoint x, and sets k to the stored columns. */
 #define PREPARE_X(W, x, k, P)                                                                   \
-    float xs_[(W)->bits ? mat_groups(W, k) : 1], xp_[(W)->perm ? (k) : 1];                     \
+    float xs_[(W)->bits ? mat_groups(W, k) : 1], xp_[(W)->perm ? mat_k(W, k) : 1];             \
     int a8_ = mat_a8(W, k);                                                                    \
-    int8_t x8_[a8_ ? (k) : 1];                                                                 \
+    int8_t x8_[a8_ ? mat_k(W, k) : 1];                                                         \
     float dx_[a8_ ? mat_groups(W, k) : 1], xc_[a8_ ? mat_groups(W, k) : 1];                    \
     if ((W)->perm) {                                                                           \
-        for (long j_ = 0; j_ < (k); j_++) xp_[j_] = (x)[(W)->perm[j_]];                        \
+        for (long j_ = 0; j_ < (W)->ks; j_++) xp_[j_] = (W)->perm[j_] < 0 ? 0.0f : (x)[(W)->perm[j_]]; \
         (x) = xp_;                                                                             \
+        (k) = (W)->ks;                                                                         \
     }                                                                                          \
     group_sums(W, x, xs_, k);                                                                  \
     if (a8_) quantize_x(x, x8_, dx_, xc_, k, (W)->group);                                      \
@@ -686,7 +688,7 @@ void plexus_matvec(const wt *W, const float *x, float *y, long n, long k, int th
  * float32, then rounded once): the torch path's prefill multiplies by it, one layer at a time */
 void plexus_dequant(const uint8_t *q, const float *s, const float *m, long bits, long group, wt *out, long n,
                     long k, int threads) {
-    Mat M = {NULL, q, s, m, bits, group, NULL, 0}; /* act-order weights are dequantized by torch */
+    Mat M = {NULL, q, s, m, bits, group, NULL, 0, 0}; /* act-order weights are dequantized by torch */
     long G = mat_groups(&M, k), rb = mat_row_bytes(&M, k);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < n; r++) {
@@ -721,8 +723,8 @@ void plexus_dequant(const uint8_t *q, const float *s, const float *m, long bits,
 
 /* y = W x for a quantized W (codes, scales, mins as in csrc/qdot.h), for the probe and tests */
 void plexus_qmatvec(const uint8_t *q, const float *s, const float *m, long bits, long group, const int64_t *perm,
-                    long act8, const float *x, float *y, long n, long k, int threads) {
-    Mat M = {NULL, q, s, m, bits, group, perm, act8};
+                    long ks, long act8, const float *x, float *y, long n, long k, int threads) {
+    Mat M = {NULL, q, s, m, bits, group, perm, ks, act8};
 #pragma omp parallel num_threads(threads)
     matvec_part(&M, NULL, x, y, n, k);
 }

@@ -13,13 +13,20 @@ typedef struct {
     const uint8_t *q;     /* bits 8: rows of k codes; bits 4: rows of ceil(k / 32) blocks of 16 bytes */
     const float *s, *m;   /* (rows, groups): scale and min */
     long bits, group;
-    const int64_t *perm;  /* act-order: stored column j is input column perm[j]; NULL: in order */
+    const int64_t *perm;  /* act-order: stored column j is input column perm[j] (< 0: reads x as 0); NULL: in order */
+    long ks;              /* with perm: the stored columns, k or more (a row-parallel slice pads each group's run) */
     long act8;            /* 1: multiply by x rounded to 8 bits a group (integer dot products, see qdot_a8) */
 } Mat;
 
-static inline long mat_groups(const Mat *M, long k) { return M->bits ? (k + M->group - 1) / M->group : 0; }
+/* the columns a row of M stores, for an input of k */
+static inline long mat_k(const Mat *M, long k) { return M->perm ? M->ks : k; }
 
-static inline long mat_row_bytes(const Mat *M, long k) { return M->bits == 8 ? k : (k + 31) / 32 * 16; }
+static inline long mat_groups(const Mat *M, long k) { return M->bits ? (mat_k(M, k) + M->group - 1) / M->group : 0; }
+
+static inline long mat_row_bytes(const Mat *M, long k) {
+    k = mat_k(M, k);
+    return M->bits == 8 ? k : (k + 31) / 32 * 16;
+}
 
 /* the same matrix from row r on */
 static inline Mat mat_from(const Mat *M, long r, long k) {
@@ -36,7 +43,7 @@ static inline Mat mat_from(const Mat *M, long r, long k) {
 }
 
 static inline Mat dense(const wt *w) {
-    Mat o = {w, NULL, NULL, NULL, 0, 0, NULL, 0};
+    Mat o = {w, NULL, NULL, NULL, 0, 0, NULL, 0, 0};
     return o;
 }
 
@@ -238,7 +245,9 @@ static inline float qdot(const Mat *M, long r, const float *x, const float *xs, 
  * path. */
 #if defined(VECTOR) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define HAVE_A8 1
-static inline int mat_a8(const Mat *M, long k) { return M->act8 && M->bits && M->group % 32 == 0 && k % 32 == 0; }
+static inline int mat_a8(const Mat *M, long k) {
+    return M->act8 && M->bits && M->group % 32 == 0 && mat_k(M, k) % 32 == 0;
+}
 
 /* x8, dx as above; and xc[g] = the rounding error of group g's sum, sum(x8 dx) - sum(x): the
  * codes' middle value times it is taken off again, so what the rounding costs is only
