@@ -518,6 +518,10 @@ def test_model_logits_match_transformers(tmp_path, kind, qtype):
                 module.load(reader)
     m.eval()
     m.allocate_cache(1)
+    if qtype != Q.F16:  # the table stays quantized (rows dequantized on lookup), the tied head shares it
+        assert m.embed_tokens.weight is None and m.embed_tokens.qweight is not None
+        assert m.lm_head.qweight is not None and (m.lm_head.qweight is m.embed_tokens.qweight) == (kind == "qwen2")
+    assert m.fused is not None  # the one-token steps run in the C kernel
     with torch.inference_mode():
         full = m(torch.tensor([IDS]), 0, last_only=False)[0]
         steps = [m(torch.tensor([IDS[:4]]), 0)[0, -1]] + [m.step(IDS[p], p)[0, -1].clone() for p in range(4, len(IDS))]
@@ -551,6 +555,35 @@ def test_generate_cli_matches_transformers(tmp_path, demo_dir, qtype, world_size
     assert rec["token_ids"] == out[0, ids.shape[1]:].tolist()
 
 
+def test_tokenizer_override(tmp_path, demo_dir):
+    """--tokenizer DIR replaces a GGUF file's own vocabulary: the prompt is encoded as that
+    tokenizer.json encodes it (here the file's metadata adds no BOS, the directory's tokenizer
+    does); one with more tokens than the model's vocabulary is refused in one line."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+
+    from plexus.engine.tokenizer import Tokenizer
+    from tests.helpers import assert_clean_error
+
+    path = write_gguf(tmp_path / "m.gguf", make_model("llama"), Q.Q8_0, vocab=(demo_dir, "gpt2", False))
+    prompt = "Once upon a time"
+    runs = {}
+    for name, extra in (("own", []), ("override", ["--tokenizer", str(demo_dir)])):
+        r = run(plexus_cmd("generate", "--model", path, "--prompt", prompt, "--max-tokens", "2", "--json", *extra),
+                timeout=120)
+        assert r.rc == 0, r.describe()
+        runs[name] = r.json_lines()[0]["prompt_token_ids"]
+    assert runs["own"] == Tokenizer(path).encode(prompt)
+    assert runs["override"] == Tokenizer(demo_dir).encode(prompt)
+    assert runs["override"] != runs["own"]  # the BOS the directory's tokenizer adds
+    big = tmp_path / "big"
+    big.mkdir()
+    HFTokenizer(WordLevel({f"t{i}": i for i in range(SIZES["vocab_size"] + 1)}, unk_token="t0")).save(
+        str(big / "tokenizer.json"))
+    r = run(plexus_cmd("generate", "--model", path, "--prompt", prompt, "--tokenizer", str(big)), timeout=120)
+    assert_clean_error(r, "--tokenizer", str(big), f"{SIZES['vocab_size'] + 1} tokens")
+
+
 def test_a_k_quant_split_off_its_super_blocks_fails_before_loading(tmp_path, demo_dir):
     """K-quants come in super-blocks of 256 input columns: o_proj's 256 cannot be shared by 2 ranks."""
     from tests.helpers import assert_clean_error, run_mpi
@@ -567,4 +600,32 @@ def test_layout_for_the_planner(tmp_path, llama):
     assert gguf_layout(write_gguf(tmp_path / "f16.gguf", llama, Q.F16)) is None
     mixed = write_gguf(tmp_path / "mixed.gguf", llama, Q.Q4_K, types={"blk.0.ffn_down.weight": Q.Q6_K,
                                                                        "blk.0.attn_v.weight": Q.Q8_0})
-    assert gguf_layout(mixed) == {"bits": 8, "group": 16, "align": 256, "types": {"Q4_K": 5, "Q6_K": 1, "Q8_0": 1}}
+    assert gguf_layout(mixed) == {"bits": 8, "group": 16, "align": 256, "types": {"Q4_K": 5, "Q6_K": 1, "Q8_0": 1},
+                                  "embed": (4, 32), "head": (4, 32)}
+    ends = write_gguf(tmp_path / "ends.gguf", llama, Q.Q4_0, types={"token_embd.weight": Q.Q6_K,
+                                                                     "output.weight": Q.F16})
+    assert gguf_layout(ends)["embed"] == (8, 16) and gguf_layout(ends)["head"] is None
+
+
+@pytest.mark.parametrize("kind,qtype,types", [("llama", Q.Q4_0, {"token_embd.weight": Q.Q6_K, "output.weight": Q.F16}),
+                                              ("llama", Q.Q8_0, None), ("qwen2", Q.Q4_K, None)],
+                         ids=["q6k-embed-f16-head", "q8_0", "qwen2-tied-q4k"])
+def test_the_plan_counts_the_bytes_a_gguf_rank_holds(tmp_path, kind, qtype, types):
+    """From the header alone, the planner's weight bytes are what the loaded rank holds: layers,
+    embedding table (kept quantized) and LM head as each is stored, plus prefill's dense scratch
+    (the largest matrix it dequantizes: a quantized head's rows, else gate_up)."""
+    from plexus.engine.engine import Engine, quant_layout
+    from plexus.engine.source import load_config
+    from plexus.parallel.comm import Communicator
+    from plexus.parallel.pool import PoolPlan
+    from plexus.bench.probes import resident_weight_bytes
+
+    path = write_gguf(tmp_path / "m.gguf", make_model(kind), qtype, types=types)
+    layout, _ = quant_layout(load_config(path), None, 128, path)
+    engine = Engine.load(path, Communicator.self_only(), "float32")
+    m, c = engine.model, engine.config
+    head_quantized = m.lm_head.qweight is not None
+    scratch = max(2 * c.intermediate_size, c.vocab_size if head_quantized else 0) * c.hidden_size * 4
+    pool = PoolPlan.build(c, 1, "float32", 64, quant=layout)
+    assert (m.embed_tokens.qweight is not None) == (layout.embed_bits > 0)
+    assert pool.weight_bytes(0) == resident_weight_bytes(m) + scratch

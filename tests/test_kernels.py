@@ -148,7 +148,7 @@ def test_waiting_for_a_node_peer_gives_up(stories_engine, peer, where):
     step raises one MeshBroken (the server's "a rank died" path) instead of spinning forever:
     after the group's timeout when the peer's process is alive, at once when it is gone."""
     from plexus.errors import MeshBroken
-    from plexus.models import kernels, node_group
+    from plexus.models import cstructs, node_group
 
     model = stories_engine.model
     if model.fused is None:
@@ -170,7 +170,7 @@ def test_waiting_for_a_node_peer_gives_up(stories_engine, peer, where):
         memory[node_group.LINE:node_group.LINE + 8].view(torch.int64)[0] = 1  # the peer met us at the embedding
         layer, width = model.fused.layers[0], model.layers[0].self_attn.num_heads_per_rank * model.config.head_dim
         tail = torch.zeros(8 * width)
-        layer.o_tail, layer.tail_rows, layer.o_tail_cols = kernels._Mat(tail.data_ptr(), None, None, None, 0, 0,
+        layer.o_tail, layer.tail_rows, layer.o_tail_cols = cstructs._Mat(tail.data_ptr(), None, None, None, 0, 0,
                                                                          None, 0, 0), 8, width
     group.struct.timeout_s = 0.5 if peer == "stalled" else 60
     model.fused.group = group

@@ -102,8 +102,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def _quantized_bytes(model) -> int:
-    """Bytes of the quantized weights (codes, scales, mins), which are not parameters."""
-    return sum(m.qweight.nbytes for m in model.modules() if getattr(m, "qweight", None) is not None)
+    """Bytes of the quantized weights (codes, scales, mins), which are not parameters; a tied
+    LM head's (the embedding's) counted once."""
+    held = {id(m.qweight): m.qweight for m in model.modules() if getattr(m, "qweight", None) is not None}
+    return sum(q.nbytes for q in held.values())
 
 
 def decode_weight_bytes(model) -> int:
@@ -112,8 +114,8 @@ def decode_weight_bytes(model) -> int:
     by the LM head)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters()) + _quantized_bytes(model)
     if not model.config.tie_word_embeddings:
-        w = model.embed_tokens.weight
-        total -= w.numel() * w.element_size()
+        e = model.embed_tokens
+        total -= e.qweight.nbytes if e.qweight is not None else e.weight.numel() * e.weight.element_size()
     return int(total)
 
 

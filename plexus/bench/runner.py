@@ -144,7 +144,7 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
             times.append(time.perf_counter())
         return t0, times
 
-    dt = engine.model.embed_tokens.weight.dtype
+    dt = engine.model.embed_tokens.dtype
     width = max(1024, engine.config.hidden_size)
     device = engine.device
 

@@ -203,19 +203,24 @@ QUANT_FORMATS = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q5_0": (8, 32), "Q5_1": (8, 
 def gguf_layout(path: str | Path) -> dict | None:
     """For the planner, from the header alone: how the decoder layers' linear weights will be
     held -- {"bits": the widest codes, "group": the smallest group, "align": the input columns
-    a row-parallel split must land on (256 where a K-quant is), "types": {type: count}} -- or
-    None when they are all dense (F32/F16/BF16)."""
+    a row-parallel split must land on (256 where a K-quant is), "types": {type: count},
+    "embed" and "head": (bits, group) of the embedding table and of an untied LM head where
+    they are stored quantized, else None} -- or None when the layers are all dense
+    (F32/F16/BF16)."""
     g = open_gguf(find_gguf(path) or path)
     layer = [t for n, t in g.tensors.items() if n.startswith("blk.") and n.endswith(".weight") and len(t.dims) == 2]
     quant = [t for t in layer if t.type_name in QUANT_FORMATS]
     if not quant:
         return None
+    ends = {n: QUANT_FORMATS[g.tensors[n].type_name] for n in ("token_embd.weight", "output.weight")
+            if n in g.tensors and g.tensors[n].type_name in QUANT_FORMATS}
     types: dict[str, int] = {}
     for t in layer:
         types[t.type_name] = types.get(t.type_name, 0) + 1
     return {"bits": max(QUANT_FORMATS[t.type_name][0] for t in quant),
             "group": min(QUANT_FORMATS[t.type_name][1] for t in quant),
-            "align": max(t.block for t in quant), "types": types}
+            "align": max(t.block for t in quant), "types": types,
+            "embed": ends.get("token_embd.weight"), "head": ends.get("output.weight")}
 
 
 class GGUFCheckpoint:

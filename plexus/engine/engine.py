@@ -88,8 +88,9 @@ def quant_layout(config: ModelConfig, quantize: str | None, group: int, source) 
                 raise PlexusError(f"{gguf}: --quantize {quantize} is for 16/32-bit weights; this file's layers are "
                                   f"already quantized ({', '.join(sorted(info['types']))})")
             types = "/".join(sorted(info["types"]))
-            return Layout(info["bits"], info["group"], f"GGUF {types}", align_to=info["align"],
-                          head_bits=info["bits"]), None
+            head, embed = info["head"] or (0, 0), info["embed"] or (0, 0)
+            return Layout(info["bits"], info["group"], f"GGUF {types}", align_to=info["align"], head_bits=head[0],
+                          head_group=head[1], embed_bits=embed[0], embed_group=embed[1]), None
     elif config.quantization_config is not None:
         from plexus.checkpoint.hf_quant import quant_format
 
@@ -122,7 +123,7 @@ class Engine:
         self.plan: ShardPlan = model.plan
         self.max_context = model.max_context
         self.eos_token_ids = eos_token_ids
-        self.device = model.embed_tokens.weight.device
+        self.device = model.embed_tokens.device
         self._ctrl = np.zeros(2, dtype=np.int64)  # (token id, 1 = go on / 0 = stop)
         model.allocate_cache(max_batch=1)
 

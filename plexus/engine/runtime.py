@@ -156,7 +156,7 @@ def log_rank_table(rt: Runtime, engine) -> None:
     ranks landed on the same accelerator). Call on every rank right after Engine.load, so that
     "free" memory is what is left for activations once the weights are in."""
     comm = rt.comm
-    dtype = engine.model.embed_tokens.weight.dtype
+    dtype = engine.model.embed_tokens.dtype
     from plexus.models.config import dtype_size
 
     row = dict(rank=comm.rank, host=comm.hostname, device=rt.device, threads=rt.threads,

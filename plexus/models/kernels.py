@@ -36,8 +36,9 @@ from plexus.files import apply_umask
 from plexus.log import get_logger
 from plexus.parallel.hostmem import host_empty
 from plexus.parallel.sizes import format_size
-from plexus.quant.qweight import row_bytes
-from plexus.models.node_group import LINE, _NodeGroup, _node_group
+from plexus.models.cstructs import (_OFF, _Ends, _Layer, _Scratch, _layout_bytes, _mat, _tail_layout,
+                                    _tail_mat, _tail_pieces, int8_activations)
+from plexus.models.node_group import _NodeGroup, _node_group
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
 HEADERS = [SOURCE.with_name("qdot.h")]  # included by decode.c: part of what a build is keyed on
@@ -45,55 +46,8 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 DTYPE_FLAGS = {torch.float32: [], torch.bfloat16: ["-DPLEXUS_BF16"], torch.float16: ["-DPLEXUS_F16"]}  # one build each
 
 
-class _Mat(ctypes.Structure):  # struct Mat in csrc/qdot.h: a dense or quantized matrix
-    _fields_ = [(n, ctypes.c_void_p) for n in ("w", "q", "s", "m")] + [(n, ctypes.c_long) for n in ("bits", "group")] + [
-        ("perm", ctypes.c_void_p), ("ks", ctypes.c_long), ("act8", ctypes.c_long)]
-
-
-def int8_activations() -> bool:
-    """PLEXUS_INT8_ACTIVATIONS=1: quantized layers multiply x rounded to 8 bits a group, with
-    integer dot products (csrc/qdot.h, qdot_a8; CPUs with AVX-512 VNNI): faster, no longer
-    exactly the dequantized model (as llama.cpp's quantized types). Off by default."""
-    return os.environ.get("PLEXUS_INT8_ACTIVATIONS", "0").lower() not in _OFF
-
-
-def _mat(linear, keep: list) -> _Mat:
-    """A layer's matrix for the kernel: its dense ``weight`` or its ``qweight`` (a QuantWeight)."""
-    q = getattr(linear, "qweight", None)
-    if q is None:
-        keep.append(linear.weight)
-        return _Mat(linear.weight.data_ptr(), None, None, None, 0, 0, None, 0, 0)
-    keep.extend(q.tensors())
-    perm = None
-    if q.perm is not None:
-        perm = q.perm.to(torch.int64).contiguous()
-        keep.append(perm)
-    return _Mat(None, q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr(), q.bits, q.group,
-                None if perm is None else perm.data_ptr(), q.stored_columns, int(int8_activations()))
-
-
-class _Layer(ctypes.Structure):  # struct Layer in decode.c, field for field
-    _fields_ = [(n, ctypes.c_void_p) for n in ("input_norm", "qkv_bias", "post_norm")] + [
-        (n, _Mat) for n in ("qkv", "o", "gate_up", "down")] + [
-        (n, ctypes.c_void_p) for n in ("k_cache", "v_cache", "kv_of_q")] + [(n, ctypes.c_long) for n in (
-            "num_heads", "num_kv_heads", "head_dim", "hidden", "intermediate", "max_context", "window")] + [
-        ("eps", ctypes.c_float), ("o_tail", _Mat), ("down_tail", _Mat)] + [
-        (n, ctypes.c_long) for n in ("tail_rows", "o_tail_cols", "down_tail_cols")]
-
-
-class _Ends(ctypes.Structure):  # struct Ends in decode.c
-    _fields_ = [(n, ctypes.c_void_p) for n in ("embed", "norm")] + [("head", _Mat)] + [
-        (n, ctypes.c_long) for n in ("first", "rows", "hidden")] + [("eps", ctypes.c_float), ("own_tail", ctypes.c_long),
-        ("head_tail", _Mat), ("tail_first", ctypes.c_long), ("tail_rows", ctypes.c_long)]
-
-
-class _Scratch(ctypes.Structure):  # struct Scratch in decode.c
-    _fields_ = [(n, ctypes.c_void_p) for n in ("normed", "qkv", "attn", "scores", "gate_up")]
-
-
 TAIL_SHARE = 16  # a rank of a node group may take the last 1/16 of the next rank's o_proj and down_proj rows
 HEAD_TAIL_SHARE = 32  # and the last 1/32 of its LM-head rows (1/8 and 1/16 measured no faster)
-_OFF = ("0", "off", "false", "no")  # PLEXUS_KERNELS / PLEXUS_TAKE_ROWS values that turn them off
 
 
 _libs: dict = {}  # dtype -> the loaded library, or False once building or loading it failed
@@ -180,52 +134,6 @@ def _tail_rows(rows: int, share: int) -> int:
     return max(8, rows // share // 8 * 8) if rows >= 32 else 0
 
 
-def _tail_layout(linear, rows: int) -> tuple:
-    """How ``rows`` rows of a layer's matrix travel: ("dense", rows, cols, itemsize) or
-    ("quantized", rows, cols, bits, group)."""
-    q = linear.qweight
-    if q is None:
-        return ("dense", rows, linear.weight.shape[1], linear.weight.element_size())
-    return ("quantized", rows, q.shape[1], q.bits, q.group)
-
-
-def _piece_bytes(n: int) -> int:
-    return -(-n // LINE) * LINE  # each piece starts on a cache line: its floats stay aligned
-
-
-def _layout_parts(layout: tuple) -> list[int]:
-    """Bytes of each part of a tail as it travels (dense: the rows; quantized: codes, scales, mins)."""
-    if layout[0] == "dense":
-        _, rows, cols, size = layout
-        return [rows * cols * size]
-    _, rows, cols, bits, group = layout
-    groups = -(-cols // group)
-    return [rows * row_bytes(bits, cols), rows * groups * 4, rows * groups * 4]
-
-
-def _layout_bytes(layout: tuple) -> int:
-    return sum(_piece_bytes(n) for n in _layout_parts(layout))
-
-
-def _tail_pieces(linear, first: int, rows: int) -> list[torch.Tensor]:
-    """The bytes of rows [first, first + rows) of a layer's matrix, each part padded as _layout_parts says."""
-    q = linear.qweight
-    parts = [linear.weight[first:first + rows]] if q is None else list(q.rows(first, first + rows).tensors())
-    out = []
-    for t in parts:
-        b = t.contiguous().reshape(-1).view(torch.uint8)
-        out.append(torch.cat([b, b.new_zeros(_piece_bytes(b.numel()) - b.numel())]))
-    return out
-
-
-def _tail_mat(layout: tuple, at: int) -> _Mat:
-    """The kernel's view of a tail received at address ``at``."""
-    if layout[0] == "dense":
-        return _Mat(at, None, None, None, 0, 0, None, 0, 0)
-    codes, scales, _ = (_piece_bytes(n) for n in _layout_parts(layout))
-    return _Mat(None, at, at + codes, at + codes + scales, layout[3], layout[4], None, 0, int(int8_activations()))
-
-
 def _taking_rows() -> bool:
     return os.environ.get("PLEXUS_TAKE_ROWS", "1").lower() not in _OFF
 
@@ -273,8 +181,8 @@ class FusedDecoder:
         """A decoder for ``model``, or None where the kernel does not apply (not on the CPU, or a
         dtype it does not serve) or is unavailable. Collective: every rank calls it (to agree on a
         node group)."""
-        w, comm = model.embed_tokens.weight, model.comm
-        usable = w.device.type == "cpu" and library(w.dtype) is not None
+        e, comm = model.embed_tokens, model.comm
+        usable = e.device.type == "cpu" and library(e.dtype) is not None
         # ranks that all decode with the kernel on one node sum through shared memory; otherwise
         # (several nodes, or a rank without the kernel) through MPI, as the torch path does
         if comm.size > 1 and all(comm.allgather_obj(usable)) and comm.local_size == comm.size:
@@ -287,7 +195,7 @@ class FusedDecoder:
 
     def __init__(self, model):
         cfg, self.comm = model.config, model.comm
-        self.dtype = dtype = model.embed_tokens.weight.dtype  # of the weights and KV cache; the rest is float32
+        self.dtype = dtype = model.embed_tokens.dtype  # of the weights and KV cache; the rest is float32
         self.lib = library(dtype)
         rope = model.rope
         assert rope.cos.is_contiguous() and rope.sin.is_contiguous() and rope.cos.dtype == torch.float32
@@ -314,11 +222,11 @@ class FusedDecoder:
                 attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), kv_of_q.data_ptr(), nq, nk, d, cfg.hidden_size, mlp.intermediate_per_rank, model.max_context,
                 cfg.sliding_window or 0, cfg.rms_norm_eps))
         embed, head = model.embed_tokens, model.lm_head
-        for t in (embed.weight, model.norm.weight) + (() if head.qweight is not None else (head.weight,)):
+        for t in (model.norm.weight,) + tuple(m.weight for m in (embed, head) if m.qweight is None):
             assert t.is_contiguous() and t.dtype == dtype
-        keep += [embed.weight, model.norm.weight]
-        self.ends = _Ends(embed.weight.data_ptr(), model.norm.weight.data_ptr(), _mat(head, keep),
-                          embed.rows[0], embed.weight.shape[0], cfg.hidden_size, cfg.rms_norm_eps)
+        keep.append(model.norm.weight)
+        self.ends = _Ends(_mat(embed, keep), model.norm.weight.data_ptr(), _mat(head, keep),
+                          embed.rows[0], embed.num_rows, cfg.hidden_size, cfg.rms_norm_eps)
         self.embed_tokens, self.lm_head = embed, head
         self.vocab, self.vocab_rows = cfg.vocab_size, head.rows[1] - head.rows[0]
         self.layers = (_Layer * len(layers))(*layers)

@@ -161,25 +161,48 @@ class RowParallelLinear(_Quantizable, nn.Module):
         return self.comm.allreduce_(linear(x, self.dense_weight(x.dtype)))
 
 
-class VocabParallelEmbedding(nn.Module):
+def _stored_quantized(reader: TensorReader, prefix: str) -> bool:
+    """Whether ``prefix``.weight is stored in a quantized type (a GGUF file says how each tensor
+    is stored; other checkpoints keep embeddings and LM heads dense)."""
+    stored = getattr(reader, "tensor_type", None)
+    return stored is not None and stored(prefix) not in ("F32", "F16", "BF16")
+
+
+class VocabParallelEmbedding(_Quantizable, nn.Module):
     """Embedding table split by vocabulary rows. Each rank looks up the ids in its row range,
-    writes zeros for the rest, and one allreduce assembles the full embeddings."""
+    writes zeros for the rest, and one allreduce assembles the full embeddings. A table stored
+    quantized (GGUF) stays quantized: only the rows looked up are dequantized."""
 
     def __init__(self, source: str, rows: tuple[int, int], hidden_size: int, comm: Communicator,
                  dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.source, self.rows, self.comm = source, rows, comm
-        self.weight = _empty((rows[1] - rows[0], hidden_size), dtype, device)
+        self.source, self.rows, self.comm, self.hidden_size = source, rows, comm, hidden_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.weight = _empty((self.num_rows, hidden_size), dtype, device)  # untouched pages until read
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows[1] - self.rows[0]
 
     def load(self, reader: TensorReader) -> None:
+        if _stored_quantized(reader, self.source):
+            self._set(reader.read_linear(self.source, 0, *self.rows), self.dtype, self.device)
+            return
         reader.read_into(self.weight, f"{self.source}.weight", 0, *self.rows)
+
+    def lookup(self, local: torch.Tensor) -> torch.Tensor:
+        """Rows ``local`` (ids minus this rank's first row, all in range) of this rank's table."""
+        if self.qweight is None:
+            return F.embedding(local, self.weight)
+        ids, where = torch.unique(local.reshape(-1), return_inverse=True)
+        return self.qweight.take(ids).dequantize(self.dtype)[where].view(*local.shape, self.hidden_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.comm.size == 1:
-            return F.embedding(ids, self.weight)
+            return self.lookup(ids)
         local = ids - self.rows[0]
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        outside = (local < 0) | (local >= self.num_rows)
+        out = self.lookup(local.clamp(0, self.num_rows - 1))
         out.masked_fill_(outside.unsqueeze(-1), 0)
         return self.comm.allreduce_(out)
 
@@ -187,7 +210,8 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(_Quantizable, nn.Module):
     """Logits = H W^T with W split by vocabulary rows: each rank computes its slice of the
     logits, and one gather to rank 0 (which samples) assembles them in vocabulary order.
-    With tied embeddings it shares the embedding's rows instead of holding its own."""
+    With tied embeddings it shares the embedding's rows (dense or quantized) instead of holding
+    its own."""
 
     def __init__(self, source: str, rows: tuple[int, int], hidden_size: int, vocab_sizes: Sequence[int],
                  comm: Communicator, dtype: torch.dtype, device: torch.device,
@@ -195,13 +219,15 @@ class ParallelLMHead(_Quantizable, nn.Module):
         super().__init__()
         self.source, self.rows, self.comm, self.vocab_sizes = source, rows, comm, list(vocab_sizes)
         self.tied = tied is not None
+        self._embedding = [tied]  # in a list: not a submodule of the head (the model loads it first)
         self.weight = tied.weight if tied is not None else _empty((rows[1] - rows[0], hidden_size), dtype, device)
 
     def load(self, reader: TensorReader) -> None:
         if self.tied:
+            embedding = self._embedding[0]
+            self.weight, self.qweight = embedding.weight, embedding.qweight
             return
-        stored = getattr(reader, "tensor_type", None)  # a GGUF file says how each tensor is stored
-        if stored is not None and stored(self.source) not in ("F32", "F16", "BF16"):
+        if _stored_quantized(reader, self.source):
             # a quantized head stays quantized: the logits are computed on its codes
             self._set(reader.read_linear(self.source, 0, *self.rows), self.weight.dtype, self.weight.device)
         else:

@@ -225,4 +225,4 @@ class CausalLM(nn.Module):
         no tensor is built for the id: each torch op between steps runs cache-cold)."""
         if self.fused is not None:
             return self.fused(token, pos, reuse=True)
-        return self(torch.tensor([[token]], device=self.embed_tokens.weight.device), pos)
+        return self(torch.tensor([[token]], device=self.embed_tokens.device), pos)

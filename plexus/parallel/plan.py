@@ -90,7 +90,7 @@ def _aligned(total: int, weights: Sequence[float], unit: int, item_columns: int,
     if units < len(weights):
         raise PlexusError(f"cannot split {what} across {len(weights)} ranks: its splits must fall on "
                           f"quantization groups of {align} columns, so at most {units} rank(s) can share it "
-                          f"(use fewer ranks or a smaller --quant-group)")
+                          f"(use fewer ranks, or smaller groups: --quant-group, or a checkpoint quantized with them)")
     return _ranges(partition(units, weights), scale=unit, total=total)
 
 
@@ -213,12 +213,19 @@ class ShardPlan:
         dense = self.weight_elements(rank) - c.num_layers * (qkv_rows * h + s.num_heads * d * h + 3 * s.intermediate * h)
         # and the scratch buffer prefill dequantizes each layer's weight into, the largest one's size
         scratch = max(qkv_rows * h, s.num_heads * d * h, 2 * s.intermediate * h)
+        quantized = 0
+        embed = getattr(quant, "embed_bytes", lambda rows, cols: None)(s.vocab, h)
+        if embed is not None:  # the table held quantized (rows dequantized on lookup); a tied head shares it
+            dense -= s.vocab * h
+            quantized += embed
+            if c.tie_word_embeddings:
+                scratch = max(scratch, s.vocab * h)
         head = getattr(quant, "head_bytes", lambda rows, cols: None)(s.vocab, h)
         if head is not None and not c.tie_word_embeddings:  # the LM head quantized too
             dense -= s.vocab * h
+            quantized += head
             scratch = max(scratch, s.vocab * h)
-            return c.num_layers * linears + head + (dense + scratch) * dtype_bytes
-        return c.num_layers * linears + (dense + scratch) * dtype_bytes
+        return c.num_layers * linears + quantized + (dense + scratch) * dtype_bytes
 
     def weight_elements(self, rank: int) -> int:
         """Number of weight elements rank ``rank`` stores."""

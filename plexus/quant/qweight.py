@@ -52,7 +52,10 @@ class Layout:
     group: int
     name: str = ""
     align_to: int = 0  # where the split unit is not the group (GGUF's K-quant super-blocks of 256)
-    head_bits: int = 0  # an untied LM head quantized to this many bits too (0: dense)
+    head_bits: int = 0  # an untied LM head quantized to this many bits too (0: dense), in groups of
+    head_group: int = 0  # this many columns (0: ``group``)
+    embed_bits: int = 0  # the embedding table quantized (GGUF; 0: dense), in groups of embed_group
+    embed_group: int = 0
 
     @property
     def align(self) -> int:
@@ -65,7 +68,13 @@ class Layout:
         """Bytes of an untied LM head's rows, or None where it stays dense."""
         if not self.head_bits:
             return None
-        return rows * (row_bytes(self.head_bits, columns) + 8 * -(-columns // self.group))
+        return rows * (row_bytes(self.head_bits, columns) + 8 * -(-columns // (self.head_group or self.group)))
+
+    def embed_bytes(self, rows: int, columns: int) -> int | None:
+        """Bytes of the embedding table's rows, or None where it is dense."""
+        if not self.embed_bits:
+            return None
+        return rows * (row_bytes(self.embed_bits, columns) + 8 * -(-columns // self.embed_group))
 
     def describe(self) -> str:
         head = f", LM head int{self.head_bits}" if self.head_bits and self.head_bits != self.bits else ""
@@ -152,6 +161,11 @@ class QuantWeight:
     def rows(self, start: int, end: int) -> "QuantWeight":
         return QuantWeight(self.bits, self.group, (end - start, self.shape[1]), self.codes[start:end],
                            self.scales[start:end], self.mins[start:end], self.perm)
+
+    def take(self, rows: torch.Tensor) -> "QuantWeight":
+        """Rows ``rows`` (int64 indices), e.g. the embedding rows a batch looks up."""
+        return QuantWeight(self.bits, self.group, (rows.numel(), self.shape[1]), self.codes[rows],
+                           self.scales[rows], self.mins[rows], self.perm)
 
     def columns(self, start: int, end: int) -> "QuantWeight":
         """Input columns [start, end): both on group boundaries (or ``end`` the last column)."""

@@ -229,9 +229,11 @@ typedef struct {
 } Layer;
 
 /* The model's two ends, this rank's share: its vocabulary rows [first, first + rows) of the
- * embedding and of the LM head (the same memory when they are tied), and the final norm */
+ * embedding and of the LM head (the same memory when they are tied; either may be quantized),
+ * and the final norm */
 typedef struct {
-    const wt *embed, *norm;
+    Mat embed;
+    const wt *norm;
     Mat head;
     long first, rows, hidden;
     float eps;
@@ -660,8 +662,7 @@ static void head_shared(const Ends *E, const Scratch *S, const float *x, Group *
 int plexus_step(const Layer *layers, long n, const Ends *E, const Scratch *S, long token, float *x, float *out,
                 float *logits, long pos, const float *cos, const float *sin, Group *g, int threads) {
     long row = token - E->first;
-    if (row >= 0 && row < E->rows)
-        for (long i = 0; i < E->hidden; i++) x[i] = wf(E->embed[row * E->hidden + i]);
+    if (row >= 0 && row < E->rows) mat_row(&E->embed, row, E->hidden, x);
     else memset(x, 0, E->hidden * sizeof(float));
     if (g && group_allreduce(g, x)) return g->failed;
     int failed = layers_step(layers, n, S, x, out, pos, cos, sin, g, threads);

@@ -63,6 +63,20 @@ static inline int code4(const uint8_t *q, long i) {
     return (i & 16) ? b >> 4 : b & 15;
 }
 
+/* x = row r of M (k columns, not permuted), each weight in the build's dtype as the torch path
+ * has it (a quantized one dequantized in float32, then rounded once): an embedding lookup */
+static void mat_row(const Mat *M, long r, long k, float *x) {
+    Mat o = mat_from(M, r, k);
+    for (long i = 0; i < k; i++) {
+        if (!M->bits) {
+            x[i] = wf(o.w[i]);
+            continue;
+        }
+        long g = i / M->group;
+        x[i] = wf(fw(o.s[g] * (float)(M->bits == 8 ? o.q[i] : code4(o.q, i)) + o.m[g]));
+    }
+}
+
 /* codes[a, b) . x[a, b) of one row, the scalar way (the tails the vector loops leave) */
 static inline float codes_dot_scalar(const uint8_t *q, long bits, const float *x, long a, long b) {
     float s = 0.0f;
