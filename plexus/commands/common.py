@@ -9,6 +9,13 @@ from plexus.commands.config_file import config_option
 DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
 
 
+def tokenizer_option(f):
+    """--tokenizer, for the commands that turn text into tokens."""
+    return click.option("--tokenizer", "tokenizer_dir", default=None,
+                        help="Tokenizer to use instead of the model's own: a Hugging Face directory with a "
+                             "tokenizer.json, or a .gguf file (default: --model's, or a GGUF file's metadata).")(f)
+
+
 def common_engine_options(f=None, *, model_default: str = "the embedded tiny demo model"):
     """Options every command that loads a model shares (``model_default``: what runs without
     --model, for its help)."""

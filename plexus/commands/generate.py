@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from plexus.commands.common import common_engine_options
+from plexus.commands.common import common_engine_options, tokenizer_option
 from plexus.errors import PlexusError
 
 
@@ -65,10 +65,10 @@ def check_output_path(output: str | None) -> None:
 
 
 def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output,
-                 split="memory", max_memory=None, quantize=None, quant_group=128) -> int:
+                 split="memory", max_memory=None, quantize=None, quant_group=128, tokenizer_dir=None) -> int:
     from plexus.engine.engine import Engine, check_prompts
     from plexus.engine.runtime import load_progress, log_rank_table, resolve_model_dir
-    from plexus.engine.tokenizer import Tokenizer
+    from plexus.engine.tokenizer import load_tokenizer
     from plexus.engine.source import load_config
 
     comm, log = rt.comm, rt.log
@@ -78,7 +78,7 @@ def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_conte
         if comm.rank == 0:  # everything the config and tokenizer decide, before any weight
             check_output_path(output)
             config = load_config(model_dir)
-            tokenizer = Tokenizer(model_dir)
+            tokenizer = load_tokenizer(model_dir, tokenizer_dir, config.vocab_size)
             requests = read_requests(tokenizer, prompt, prompts_file, chat)
             check_prompts([r["ids"] for r in requests], params.max_tokens, config, max_context)
     except PlexusError as e:
@@ -141,8 +141,9 @@ def _run_requests(engine, tokenizer, requests, params, as_json, output) -> None:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
 @click.option("--output", default=None, help="Write JSON lines to this file instead of stdout.")
+@tokenizer_option
 def generate(model, dtype, device, threads, max_context, split, max_memory, verbose, prompt, prompts_file, chat,
-             max_tokens, temperature, top_p, top_k, seed, stop, as_json, output, quantize, quant_group):
+             max_tokens, temperature, top_p, top_k, seed, stop, as_json, output, quantize, quant_group, tokenizer_dir):
     """Generate text from a prompt or a JSONL file of prompts (run under mpirun)."""
     from plexus.engine.runtime import run_guarded, start
     from plexus.engine.sampling import SamplingParams
@@ -153,6 +154,6 @@ def generate(model, dtype, device, threads, max_context, split, max_memory, verb
         rt = state["rt"] = start(device, threads, verbose)
         params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop))
         return run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output,
-                            split, max_memory, quantize, quant_group)
+                            split, max_memory, quantize, quant_group, tokenizer_dir)
 
     run_guarded(body, lambda: state["rt"].comm if "rt" in state else None)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from plexus.commands.common import common_engine_options
+from plexus.commands.common import common_engine_options, tokenizer_option
 from plexus.errors import PlexusError
 
 
@@ -75,10 +75,10 @@ def windows(ids: list[int], length: int) -> list[list[int]]:
 
 
 def run_perplexity(rt, model, text_file, context, dtype, max_context, as_json, split="memory",
-                   max_memory=None, quantize=None, quant_group=128) -> int:
+                   max_memory=None, quantize=None, quant_group=128, tokenizer_dir=None) -> int:
     from plexus.engine.engine import Engine
     from plexus.engine.runtime import load_progress, log_rank_table, resolve_model_dir
-    from plexus.engine.tokenizer import Tokenizer
+    from plexus.engine.tokenizer import load_tokenizer
     from plexus.engine.source import load_config
 
     comm, log = rt.comm, rt.log
@@ -88,7 +88,7 @@ def run_perplexity(rt, model, text_file, context, dtype, max_context, as_json, s
         if comm.rank == 0:  # everything the config, the tokenizer and the text decide, before any weight
             config = load_config(model_dir)
             window, _ = window_length(config, context, max_context)
-            ids = read_token_stream(Tokenizer(model_dir), text_file)
+            ids = read_token_stream(load_tokenizer(model_dir, tokenizer_dir, config.vocab_size), text_file)
             bad = [i for i in ids if not 0 <= i < config.vocab_size]
             if bad:
                 raise PlexusError(f"token id {bad[0]} of {text_file} is outside the model's vocabulary "
@@ -131,8 +131,9 @@ def run_perplexity(rt, model, text_file, context, dtype, max_context, as_json, s
               help="Tokens per window (default: the KV cache's length, --max-context or min(model's, 4096)).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"perplexity": ..., "tokens": ..., "windows": ..., "context": ...}.')
+@tokenizer_option
 def perplexity(model, dtype, device, threads, max_context, split, max_memory, verbose, quantize, quant_group,
-               text_file, context, as_json):
+               text_file, context, as_json, tokenizer_dir):
     """Perplexity of a text under the model, in windows of --context tokens (run under mpirun)."""
     from plexus.engine.runtime import run_guarded, start
 
@@ -141,6 +142,6 @@ def perplexity(model, dtype, device, threads, max_context, split, max_memory, ve
     def body():
         rt = state["rt"] = start(device, threads, verbose)
         return run_perplexity(rt, model, text_file, context, dtype, max_context, as_json, split, max_memory,
-                              quantize, quant_group)
+                              quantize, quant_group, tokenizer_dir)
 
     run_guarded(body, lambda: state["rt"].comm if "rt" in state else None)

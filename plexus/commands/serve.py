@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from plexus.commands.common import common_engine_options
+from plexus.commands.common import common_engine_options, tokenizer_option
 from plexus.serve.app import DEFAULT_MAX_BODY
 
 @click.command()
@@ -24,8 +24,10 @@ from plexus.serve.app import DEFAULT_MAX_BODY
                    "to finish in-flight requests before cancelling them.")
 @click.option("--stall-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Declare the mesh dead when a step makes no progress this long (0: never).")
+@tokenizer_option
 def serve(model, dtype, device, threads, max_context, split, max_memory, verbose, host, port, api_key,
-          served_model_name, max_body_bytes, http_threads, drain_timeout, stall_timeout, quantize, quant_group):
+          served_model_name, max_body_bytes, http_threads, drain_timeout, stall_timeout, quantize, quant_group,
+          tokenizer_dir):
     """Serve an OpenAI-compatible HTTP API from rank 0 (run under mpirun; see docs/api.md)."""
     from plexus.engine.runtime import run_guarded, start
     from plexus.serve.lifecycle import ServeOptions, run_serve
@@ -33,7 +35,8 @@ def serve(model, dtype, device, threads, max_context, split, max_memory, verbose
     opts = ServeOptions(model=model, dtype=dtype, max_context=max_context, split=split, max_memory=max_memory,
                         host=host, port=port, api_key=api_key or None, served_model_name=served_model_name,
                         max_body_bytes=max_body_bytes, http_threads=http_threads, drain_timeout=drain_timeout,
-                        stall_timeout=stall_timeout, quantize=quantize, quant_group=quant_group)
+                        stall_timeout=stall_timeout, quantize=quantize, quant_group=quant_group,
+                        tokenizer=tokenizer_dir)
     state = {}
 
     def body():

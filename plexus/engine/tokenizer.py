@@ -33,6 +33,16 @@ def _read_json(path: Path) -> dict:
         raise PlexusError(f"{path}: not valid JSON ({e})") from None
 
 
+def load_tokenizer(model_dir, override=None, vocab_size: int | None = None) -> "Tokenizer":
+    """The model's tokenizer, or ``override``'s (--tokenizer); one with more tokens than the
+    model's vocabulary (``vocab_size``) is refused: it belongs to another model."""
+    tok = Tokenizer(override or model_dir)
+    if override and vocab_size is not None and tok.vocab_size > vocab_size:
+        raise PlexusError(f"--tokenizer {override}: {tok.vocab_size} tokens, more than the model's vocabulary of "
+                          f"{vocab_size}: a tokenizer of another model?")
+    return tok
+
+
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
         d = Path(model_dir)

@@ -58,6 +58,7 @@ class ServeOptions:
     stall_timeout: float
     quantize: str | None = None
     quant_group: int = 128
+    tokenizer: str | None = None  # --tokenizer: instead of the model's own
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -127,7 +128,8 @@ def install_signal_handlers() -> Signals:
 def run_serve(rt, opts: ServeOptions, signals: Signals) -> int:
     from plexus.engine.engine import Engine
     from plexus.engine.runtime import load_progress, log_rank_table, resolve_model_dir
-    from plexus.engine.tokenizer import Tokenizer
+    from plexus.engine.source import load_config
+    from plexus.engine.tokenizer import load_tokenizer
     from plexus.serve.app import create_app
     from plexus.serve.http import HttpServer
     from plexus.serve.scheduler import Scheduler
@@ -138,7 +140,7 @@ def run_serve(rt, opts: ServeOptions, signals: Signals) -> int:
     try:
         model_dir = resolve_model_dir(opts.model, comm)
         if comm.rank == 0:
-            tokenizer = Tokenizer(model_dir)
+            tokenizer = load_tokenizer(model_dir, opts.tokenizer, load_config(model_dir).vocab_size)
             name = opts.served_model_name or Path(model_dir).resolve().name
             scheduler = Scheduler(comm.size, opts.stall_timeout, max_pending=opts.http_threads - 4)
             app = create_app(scheduler, name, opts.api_key, opts.max_body_bytes)
