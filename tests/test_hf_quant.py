@@ -534,11 +534,12 @@ def test_awq_copies_match_autoawq(tmp_path):
 
 # ---- FP8 block ---------------------------------------------------------------------------------
 
-def test_fp8_block_matches_transformers(tmp_path):
+def fp8_checkpoint(d: Path, **sizes) -> tuple[Path, dict]:
+    """Block-FP8 weights made by transformers' own quantizer, and what its dequantizer makes of them."""
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
 
     quantizer = SimpleNamespace(quantization_config=SimpleNamespace(weight_block_size=[128, 128], scale_fmt=None))
-    model = tiny_llama(4, hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2)
+    model = tiny_llama(4, **sizes)
     tensors, ref = {}, {}
     for name in LINEARS:
         p = f"model.layers.0.{name}"
@@ -546,9 +547,18 @@ def test_fp8_block_matches_transformers(tmp_path):
         tensors.update(q)
         ref[p] = Fp8Dequantize(quantizer)._dequantize_one(q[f"{p}.weight"], q[f"{p}.weight_scale_inv"],
                                                           output_dtype=torch.float32)
-    d = write_checkpoint(tmp_path / "fp8", model, tensors, {
+    d = write_checkpoint(d, model, tensors, {
         "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
         "modules_to_not_convert": ["lm_head"]})
+    return d, ref
+
+
+FP8_SIZES = dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2)  # whole blocks
+
+
+def test_fp8_block_matches_transformers(tmp_path):
+    d, ref = fp8_checkpoint(tmp_path / "fp8", **FP8_SIZES)
+    model = tiny_llama(4, **FP8_SIZES)
     fmt, reader = open_checkpoint(d, dtype=torch.float32)
     assert fmt.dense and (fmt.align, fmt.row_align) == (1, 1) and fmt.weight_bytes(10, 20) == 800
     fmt16, reader16 = open_checkpoint(d)
@@ -564,7 +574,21 @@ def test_fp8_block_matches_transformers(tmp_path):
 
 # ---- through the engine --------------------------------------------------------------------------
 
+def ct_case(d: Path, case: str) -> tuple[Path, dict]:
+    """A compressed-tensors checkpoint (in float32) and its own decompression of every linear."""
+    ct_checkpoint(d, CT_CASES[case][0], torch.float32)
+    return d, {f"model.layers.0.{n}": ct_reference(d, f"model.layers.0.{n}") for n in LINEARS}
+
+
 E2E = {  # name: (checkpoint maker, world size, --split)
+    "ct-w4-g32-ws1": (lambda d: ct_case(d, "w4a16-g32-sym"), 1, None),
+    "ct-w4-g32-ws4": (lambda d: ct_case(d, "w4a16-g32-sym"), 4, None),
+    "ct-w8-channel-asym-3:1": (lambda d: ct_case(d, "w8-channel-asym"), 2, "3,1"),
+    "ct-w8-channel-sym-ws2": (lambda d: ct_case(d, "w8a16-channel-sym"), 2, None),
+    "fp8-ws1": (lambda d: fp8_checkpoint(d, **FP8_SIZES), 1, None),
+    "fp8-ws2": (lambda d: fp8_checkpoint(d, **FP8_SIZES), 2, None),
+    "fp8-ws4": (lambda d: fp8_checkpoint(d, **FP8_SIZES), 4, None),
+    "fp8-3:1": (lambda d: fp8_checkpoint(d, **FP8_SIZES), 2, "3,1"),
     "gptq-v1-asym-act-order": (lambda d: gptq_checkpoint(d, 4, 32, False, True, "gptq"), 1, None),
     "gptq-act-order-ws2": (lambda d: gptq_checkpoint(d, 4, 32, False, True, "gptq"), 2, None),
     "gptq-act-order-ws4": (lambda d: gptq_checkpoint(d, 4, 32, True, True, "gptq"), 4, None),
