@@ -596,6 +596,7 @@ E2E = {  # name: (checkpoint maker, world size, --split)
     "gptq-v1-sym-4bit-ws4": (lambda d: gptq_checkpoint(d, 4, 32, True, False, "gptq"), 4, None),
     "gptq-v1-sym-4bit-3:1": (lambda d: gptq_checkpoint(d, 4, 32, True, False, "gptq"), 2, "3,1"),
     "gptq-v2-8bit": (lambda d: gptq_checkpoint(d, 8, 64, False, False, "gptq_v2"), 2, None),
+    "awq-ws1": (lambda d: awq_checkpoint(d, 32), 1, None),
     "awq": (lambda d: awq_checkpoint(d, 32), 2, None),
     "awq-ws4": (lambda d: awq_checkpoint(d, 32), 4, None),
     "awq-3:1": (lambda d: awq_checkpoint(d, 32), 2, "3,1"),
