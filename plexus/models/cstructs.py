@@ -105,3 +105,11 @@ def _tail_mat(layout: tuple, at: int) -> _Mat:
         return _Mat(at, None, None, None, 0, 0, None, 0, 0)
     codes, scales, _ = (_piece_bytes(n) for n in _layout_parts(layout))
     return _Mat(None, at, at + codes, at + codes + scales, layout[3], layout[4], None, 0, int(int8_activations()))
+
+
+class _Row(ctypes.Structure):  # struct Row in csrc/rows.h: one sequence of a batched step
+    _fields_ = [(n, ctypes.c_long) for n in ("token", "slot", "pos")]
+
+
+class _RowScratch(ctypes.Structure):  # struct RowScratch in csrc/rows.h
+    _fields_ = [(n, ctypes.c_void_p) for n in ("x", "out", "normed", "qkv", "attn", "gate_up", "scores")]

@@ -20,6 +20,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <omp.h>
@@ -729,3 +730,5 @@ void plexus_qmatvec(const uint8_t *q, const float *s, const float *m, long bits,
 #pragma omp parallel num_threads(threads)
     matvec_part(&M, NULL, x, y, n, k);
 }
+
+#include "rows.h" /* several sequences' decode steps over one weight stream */

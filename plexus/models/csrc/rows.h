@@ -1,0 +1,211 @@
+/* Decode steps of several sequences at once (continuous batching), included at the end of
+ * decode.c: one row per sequence, each with its own token, KV-cache slot and position, and one
+ * stream of the weights for all of them (a weight row, read from memory once, is multiplied into
+ * every sequence's input while it is in the cache).
+ *
+ * Batch invariance: each row's arithmetic is that of plexus_step for its sequence alone -- the
+ * same mat_dot per (weight row, sequence), the same preparation of each input (prep_row is
+ * PREPARE_X's), the same attend, norms, RoPE and SwiGLU -- so a sequence's logits are bitwise the
+ * same whatever else is in the batch, and the same as stepping it alone. World size 1 only for
+ * now (no node group). */
+
+typedef struct {
+    long token, slot, pos;
+} Row;
+
+/* Where the rows' activations live: x, out, normed (rows, hidden); qkv (rows, (nq + 2 nk) d); attn
+ * (rows, nq d); gate_up (rows, 2 intermediate); scores (threads, max_context) */
+typedef struct {
+    float *x, *out, *normed, *qkv, *attn, *gate_up, *scores;
+} RowScratch;
+
+/* floats prep_row needs for an input of k to W */
+static long prep_floats(const Mat *W, long k) {
+    long G = W->bits ? mat_groups(W, k) : 0, ks = mat_k(W, k);
+    return G + (W->perm ? ks : 0) + (mat_a8(W, k) ? 2 * G + (ks + 3) / 4 : 0);
+}
+
+/* What PREPARE_X makes of x, in ``mem``: the input to multiply by (x permuted for act-order),
+ * its group sums, its 8-bit form */
+static const float *prep_row(const Mat *W, const float *x, long k, float *mem, XPrep *P) {
+    long G = W->bits ? mat_groups(W, k) : 0, ks = mat_k(W, k);
+    int a8 = mat_a8(W, k);
+    float *xs = mem;
+    mem += G;
+    if (W->perm) {
+        for (long j = 0; j < ks; j++) mem[j] = W->perm[j] < 0 ? 0.0f : x[W->perm[j]];
+        x = mem;
+        mem += ks;
+    }
+    group_sums(W, x, xs, ks);
+    P->xs = xs;
+    P->x8 = NULL;
+    P->dx = P->xc = NULL;
+    if (a8) {
+        float *dx = mem, *xc = mem + G;
+        int8_t *x8 = (int8_t *)(mem + 2 * G);
+        quantize_x(x, x8, dx, xc, ks, W->group);
+        P->x8 = x8;
+        P->dx = dx;
+        P->xc = xc;
+    }
+    return x;
+}
+
+#if defined(VECTOR)
+/* dot(w, x[t], k) for four inputs at once: each input's four sums, tail and total are dot()'s,
+ * in dot()'s order (the same bits); the weights are loaded and widened once for the four, so a
+ * dense weight row costs a quarter of the widening and loads per input */
+static inline void dot4(const wt *w, const float *const *x, long k, float *out) {
+    __m256 a[4][4];
+    for (int t = 0; t < 4; t++)
+        for (int i = 0; i < 4; i++) a[t][i] = _mm256_setzero_ps();
+    long j = 0;
+    for (; j + 32 <= k; j += 32) {
+        __m256 w0 = LOAD8(w + j), w1 = LOAD8(w + j + 8), w2 = LOAD8(w + j + 16), w3 = LOAD8(w + j + 24);
+        for (int t = 0; t < 4; t++) {
+            a[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + j), a[t][0]);
+            a[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[t] + j + 8), a[t][1]);
+            a[t][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x[t] + j + 16), a[t][2]);
+            a[t][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x[t] + j + 24), a[t][3]);
+        }
+    }
+    for (; j + 8 <= k; j += 8) {
+        __m256 w0 = LOAD8(w + j);
+        for (int t = 0; t < 4; t++) a[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + j), a[t][0]);
+    }
+    for (int t = 0; t < 4; t++) {
+        float s = sum8(_mm256_add_ps(_mm256_add_ps(a[t][0], a[t][1]), _mm256_add_ps(a[t][2], a[t][3])));
+        for (long i = j; i < k; i++) s += wf(w[i]) * x[t][i];
+        out[t] = s;
+    }
+}
+#endif
+
+/* one weight row r into every row's output: dense rows four inputs at a time (dot4) */
+static inline void row_into_all(const Mat *W, const wt *b, const float *const *xr, const XPrep *P, float *Y,
+                                long ldy, long r, long k, long nrows) {
+    float bias = b ? wf(b[r]) : 0.0f;
+    long t = 0;
+#if defined(VECTOR)
+    if (!W->bits)
+        for (float d4[4]; t + 4 <= nrows; t += 4) {
+            dot4(W->w + r * k, xr + t, k, d4);
+            for (int i = 0; i < 4; i++) Y[(t + i) * ldy + r] = d4[i] + bias;
+        }
+#endif
+    for (; t < nrows; t++) Y[t * ldy + r] = mat_dot(W, r, xr[t], &P[t], k) + bias;
+}
+
+/* Y[t] = W X[t] (+ b) for rows t < nrows (X[t] at X + t ldx, Y[t] at Y + t ldy), this thread's
+ * share of W's n rows in blocks of ROWS, each weight row multiplied into every X[t] in turn.
+ * Non-zero where this thread's preparation memory could not be had. */
+static int matvec_part_rows(const Mat *W, const wt *b, const float *X, long ldx, float *Y, long ldy, long n,
+                            long k, long nrows) {
+    long per = prep_floats(W, k), ks = mat_k(W, k);
+    float *mem = per ? malloc((size_t)(nrows * per) * sizeof(float)) : NULL;
+    int failed = per && !mem;
+    const float *xr[nrows];
+    XPrep P[nrows];
+    for (long t = 0; t < nrows && !failed; t++) xr[t] = prep_row(W, X + t * ldx, k, per ? mem + t * per : NULL, &P[t]);
+    long blocks = (n + ROWS - 1) / ROWS;
+#pragma omp for schedule(guided) nowait
+    for (long c = 0; c < blocks; c++) {
+        if (failed) continue;
+        long end = (c + 1) * ROWS < n ? (c + 1) * ROWS : n;
+        for (long r = c * ROWS; r < end; r++) row_into_all(W, b, xr, P, Y, ldy, r, ks, nrows);
+    }
+    free(mem);
+    return failed;
+}
+
+static void norm_rows(const wt *w, const float *X, float *out, long nrows, long n, float eps) {
+#pragma omp for
+    for (long t = 0; t < nrows; t++) rms_norm(X + t * n, w, out + t * n, n, eps);
+}
+
+/* x[t] += out[t] for every row, after the team's barrier */
+static void add_rows(float *X, const float *OUT, long n) {
+#pragma omp barrier
+#pragma omp for
+    for (long i = 0; i < n; i++) X[i] += OUT[i];
+}
+
+static int attention_rows(const Layer *L, const RowScratch *S, const Row *rows, long nrows, const float *cos,
+                          const float *sin, long rope_row) {
+    long d = L->head_dim, nq = L->num_heads, nk = L->num_kv_heads, T = L->max_context, h = L->hidden;
+    long nqkv = (nq + 2 * nk) * d, plane = nk * T * d; /* one slot's K (or V) cache */
+    norm_rows(L->input_norm, S->x, S->normed, nrows, h, L->eps);
+    int failed = matvec_part_rows(&L->qkv, L->qkv_bias, S->normed, h, S->qkv, nqkv, nqkv, h, nrows);
+#pragma omp barrier
+#pragma omp for collapse(2)
+    for (long t = 0; t < nrows; t++)
+        for (long j = 0; j < nq + nk; j++) {
+            long pos = rows[t].pos;
+            float *head = S->qkv + t * nqkv + j * d;
+            rope(head, cos + pos * rope_row, sin + pos * rope_row, d);
+            if (j >= nq) { /* a KV head: store its k and v at pos, in the row's slot */
+                long kv = j - nq;
+                wt *kc = L->k_cache + rows[t].slot * plane + (kv * T + pos) * d;
+                wt *vc = L->v_cache + rows[t].slot * plane + (kv * T + pos) * d;
+                const float *v = S->qkv + t * nqkv + (nq + nk + kv) * d;
+                for (long i = 0; i < d; i++) {
+                    kc[i] = fw(head[i]);
+                    vc[i] = fw(v[i]);
+                }
+            }
+        }
+#pragma omp for collapse(2)
+    for (long t = 0; t < nrows; t++)
+        for (long j = 0; j < nq; j++) {
+            long pos = rows[t].pos, kv = L->kv_of_q[j];
+            long lo = L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0;
+            attend(S->qkv + t * nqkv + j * d, L->k_cache + rows[t].slot * plane + kv * T * d,
+                   L->v_cache + rows[t].slot * plane + kv * T * d, S->scores + omp_get_thread_num() * T,
+                   S->attn + (t * nq + j) * d, lo, pos, d);
+        }
+    failed |= matvec_part_rows(&L->o, NULL, S->attn, nq * d, S->out, h, h, nq * d, nrows);
+    add_rows(S->x, S->out, nrows * h);
+    return failed;
+}
+
+static int mlp_rows(const Layer *L, const RowScratch *S, long nrows) {
+    long m = L->intermediate, h = L->hidden;
+    norm_rows(L->post_norm, S->x, S->normed, nrows, h, L->eps);
+    int failed = matvec_part_rows(&L->gate_up, NULL, S->normed, h, S->gate_up, 2 * m, 2 * m, h, nrows);
+#pragma omp barrier
+    long chunks = (m + 63) / 64;
+#pragma omp for collapse(2)
+    for (long t = 0; t < nrows; t++)
+        for (long c = 0; c < chunks; c++) { /* in place, as plexus_mlp without a group */
+            float *gu = S->gate_up + t * 2 * m;
+            swiglu(gu, gu + m, gu, c * 64, (c + 1) * 64 < m ? (c + 1) * 64 : m);
+        }
+    failed |= matvec_part_rows(&L->down, NULL, S->gate_up, 2 * m, S->out, h, h, m, nrows);
+    add_rows(S->x, S->out, nrows * h);
+    return failed;
+}
+
+/* One decode step of ``nrows`` sequences (world size 1): logits (nrows, E->rows). cos, sin: the
+ * RoPE tables' row 0, rope_row floats a position. Non-zero: memory for the inputs' preparation
+ * could not be had (the logits are then not valid). */
+int plexus_step_rows(const Layer *layers, long n, const Ends *E, const RowScratch *S, const Row *rows, long nrows,
+                     float *logits, const float *cos, const float *sin, long rope_row, int threads) {
+    long h = E->hidden;
+    int failed = 0;
+    for (long t = 0; t < nrows; t++) {
+        long row = rows[t].token - E->first;
+        if (row >= 0 && row < E->rows) mat_row(&E->embed, row, h, S->x + t * h);
+        else memset(S->x + t * h, 0, h * sizeof(float));
+    }
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        for (long i = 0; i < n; i++) {
+            failed |= attention_rows(layers + i, S, rows, nrows, cos, sin, rope_row);
+            failed |= mlp_rows(layers + i, S, nrows);
+        }
+        norm_rows(E->norm, S->x, S->normed, nrows, h, E->eps);
+        failed |= matvec_part_rows(&E->head, NULL, S->normed, h, logits, E->rows, E->rows, h, nrows);
+    }
+    return failed;
+}

@@ -1,0 +1,62 @@
+"""Several sequences' decode steps at once (plexus/models/csrc/rows.h): one weight stream for
+all of them, and each sequence's logits bitwise what stepping it alone gives, whatever else is
+in the batch (issue 18's batch invariance), for dense and quantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plexus.engine.engine import Engine
+from plexus.parallel.comm import Communicator
+
+# seven sequences: (first step, tokens); they start at different steps, so positions differ, and
+# 1 to 6 run at once (the kernel takes dense rows four at a time, the rest one by one)
+SEQUENCES = [(0, [5, 9, 33, 7, 12, 400, 1, 2]), (1, [17, 3, 250]), (2, [8, 8, 8, 8, 8]), (4, [100, 200, 300]),
+             (0, [44, 45, 46, 47, 48, 49]), (1, [2, 3, 5, 7, 11, 13]), (3, [60, 61, 62, 63])]
+
+
+def test_the_batch_sizes_tried():
+    live = [sum(0 <= step - s < len(t) for s, t in SEQUENCES) for step in range(8)]
+    assert min(live) == 1 and max(live) >= 6 and 4 in live and 5 in live
+
+
+def solo(engine, tokens: list[int]) -> list[torch.Tensor]:
+    """Logits of each step of one sequence stepped alone (plexus_step), from position 0."""
+    model = engine.model
+    return [model.step(t, p)[0, -1].clone() for p, t in enumerate(tokens)]
+
+
+def batched(model, sequences) -> dict[int, list[torch.Tensor]]:
+    """Every sequence stepped together, one row each while it runs, sequence i in slot i."""
+    out = {i: [] for i in range(len(sequences))}
+    for step in range(max(s + len(toks) for s, toks in sequences)):
+        live = [(i, step - s) for i, (s, toks) in enumerate(sequences) if 0 <= step - s < len(toks)]
+        logits = model.fused.rows([sequences[i][1][p] for i, p in live], [i for i, _ in live], [p for _, p in live])
+        for row, (i, _) in enumerate(live):
+            out[i].append(logits[row].clone())
+    return out
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype,quantize,act8", [("float32", None, False), ("bfloat16", None, False),
+                                                 ("bfloat16", "int4", False), ("float32", "int8", False),
+                                                 ("bfloat16", "int4", True)])
+def test_batched_steps_equal_solo_steps_bitwise(demo_tiny, dtype, quantize, act8, monkeypatch):
+    if act8:  # PLEXUS_INT8_ACTIVATIONS: each input rounded to 8 bits a group, per row
+        monkeypatch.setenv("PLEXUS_INT8_ACTIVATIONS", "1")
+    engine = Engine.load(demo_tiny, Communicator.self_only(), dtype, max_context=64, quantize=quantize,
+                         quant_group=32)
+    model = engine.model
+    if model.fused is None:
+        pytest.skip("no fused kernel on this machine (not Linux x86-64 with a C compiler)")
+    alone = [solo(engine, toks) for _, toks in SEQUENCES]
+    model.allocate_cache(max_batch=len(SEQUENCES))
+    together = batched(model, SEQUENCES)
+    for i, (_, toks) in enumerate(SEQUENCES):
+        for p in range(len(toks)):
+            assert torch.equal(together[i][p], alone[i][p]), (dtype, quantize, "sequence", i, "step", p)
+    # and a batch of one is the solo step too
+    model.allocate_cache(max_batch=1)
+    first = [model.fused.rows([t], [0], [p])[0].clone() for p, t in enumerate(SEQUENCES[0][1])]
+    assert all(torch.equal(a, b) for a, b in zip(first, alone[0]))
