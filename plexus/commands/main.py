@@ -13,12 +13,20 @@ import click
 from plexus import __version__
 from plexus.commands.common import DTYPE_CHOICE
 
+USAGE_WAIT_S = 5.0  # how long a rank other than 0 waits before its usage-error exit
+
+
 def report_usage_error(e: click.ClickException) -> None:
     """A bad option or config file, before MPI is up: one ``plexus: error:`` line (the one a
     user needs, first), from rank 0 alone when a launcher started several."""
     from plexus.parallel.comm import launcher_rank
 
     if launcher_rank() not in (None, 0):
+        # exit after rank 0 rather than first: the launcher stops the job at the first exit, and
+        # rank 0 (on a busy node still starting) must have printed its line by then
+        import time
+
+        time.sleep(USAGE_WAIT_S)
         return
     if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # bare `plexus`: the help
         e.show()
