@@ -252,24 +252,49 @@ typedef struct {
 } Scratch;
 
 
+/* floats prep_row needs for an input of k to W */
+static long prep_floats(const Mat *W, long k) {
+    long G = W->bits ? mat_groups(W, k) : 0, ks = mat_k(W, k);
+    return G + (W->perm ? ks : 0) + (mat_a8(W, k) ? 2 * G + (ks + 3) / 4 : 0);
+}
+
+/* What PREPARE_X makes of x, in ``mem``: the input to multiply by (x permuted for act-order),
+ * its group sums, its 8-bit form */
+static const float *prep_row(const Mat *W, const float *x, long k, float *mem, XPrep *P) {
+    long G = W->bits ? mat_groups(W, k) : 0, ks = mat_k(W, k);
+    int a8 = mat_a8(W, k);
+    float *xs = mem;
+    mem += G;
+    if (W->perm) {
+        for (long j = 0; j < ks; j++) mem[j] = W->perm[j] < 0 ? 0.0f : x[W->perm[j]];
+        x = mem;
+        mem += ks;
+    }
+    group_sums(W, x, xs, ks);
+    P->xs = xs;
+    P->x8 = NULL;
+    P->dx = P->xc = NULL;
+    if (a8) {
+        float *dx = mem, *xc = mem + G;
+        int8_t *x8 = (int8_t *)(mem + 2 * G);
+        quantize_x(x, x8, dx, xc, ks, W->group);
+        P->x8 = x8;
+        P->dx = dx;
+        P->xc = xc;
+    }
+    return x;
+}
+
 /* What every product over x with a matrix W needs first, made by each thread in its own stack
  * (k additions and roundings, against n * k multiply-adds): x permuted to W's stored column
  * order (act-order; a stored column with perm < 0 is padding and reads 0), x's group sums, and
  * for --int8-activations x in 8 bits. Declares ``XPrep P`` (and the arrays it points into) in the
  * caller's scope; may repoint x, and sets k to the stored columns. */
 #define PREPARE_X(W, x, k, P)                                                                   \
-    float xs_[(W)->bits ? mat_groups(W, k) : 1], xp_[(W)->perm ? mat_k(W, k) : 1];             \
-    int a8_ = mat_a8(W, k);                                                                    \
-    int8_t x8_[a8_ ? mat_k(W, k) : 1];                                                         \
-    float dx_[a8_ ? mat_groups(W, k) : 1], xc_[a8_ ? mat_groups(W, k) : 1];                    \
-    if ((W)->perm) {                                                                           \
-        for (long j_ = 0; j_ < (W)->ks; j_++) xp_[j_] = (W)->perm[j_] < 0 ? 0.0f : (x)[(W)->perm[j_]]; \
-        (x) = xp_;                                                                             \
-        (k) = (W)->ks;                                                                         \
-    }                                                                                          \
-    group_sums(W, x, xs_, k);                                                                  \
-    if (a8_) quantize_x(x, x8_, dx_, xc_, k, (W)->group);                                      \
-    XPrep P = {xs_, a8_ ? x8_ : NULL, dx_, xc_}
+    float prep_[prep_floats(W, k) + 1];                                                        \
+    XPrep P;                                                                                   \
+    (x) = prep_row(W, x, k, prep_, &P);                                                        \
+    (k) = mat_k(W, k)
 
 /* y[r] = W[r] . x (+ b[r]) for rows r in [r, end); xs: x's group sums (quantized W) */
 static void matvec_rows(const Mat *W, const wt *b, const float *x, const XPrep *xs, float *y, long r, long end,

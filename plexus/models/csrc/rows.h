@@ -19,39 +19,6 @@ typedef struct {
     float *x, *out, *normed, *qkv, *attn, *gate_up, *scores;
 } RowScratch;
 
-/* floats prep_row needs for an input of k to W */
-static long prep_floats(const Mat *W, long k) {
-    long G = W->bits ? mat_groups(W, k) : 0, ks = mat_k(W, k);
-    return G + (W->perm ? ks : 0) + (mat_a8(W, k) ? 2 * G + (ks + 3) / 4 : 0);
-}
-
-/* What PREPARE_X makes of x, in ``mem``: the input to multiply by (x permuted for act-order),
- * its group sums, its 8-bit form */
-static const float *prep_row(const Mat *W, const float *x, long k, float *mem, XPrep *P) {
-    long G = W->bits ? mat_groups(W, k) : 0, ks = mat_k(W, k);
-    int a8 = mat_a8(W, k);
-    float *xs = mem;
-    mem += G;
-    if (W->perm) {
-        for (long j = 0; j < ks; j++) mem[j] = W->perm[j] < 0 ? 0.0f : x[W->perm[j]];
-        x = mem;
-        mem += ks;
-    }
-    group_sums(W, x, xs, ks);
-    P->xs = xs;
-    P->x8 = NULL;
-    P->dx = P->xc = NULL;
-    if (a8) {
-        float *dx = mem, *xc = mem + G;
-        int8_t *x8 = (int8_t *)(mem + 2 * G);
-        quantize_x(x, x8, dx, xc, ks, W->group);
-        P->x8 = x8;
-        P->dx = dx;
-        P->xc = xc;
-    }
-    return x;
-}
-
 #if defined(VECTOR)
 /* dot(w, x[t], k) for four inputs at once: each input's four sums, tail and total are dot()'s,
  * in dot()'s order (the same bits); the weights are loaded and widened once for the four, so a
