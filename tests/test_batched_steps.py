@@ -14,6 +14,9 @@ from plexus.parallel.comm import Communicator
 # 1 to 6 run at once (the kernel takes dense rows four at a time, the rest one by one)
 SEQUENCES = [(0, [5, 9, 33, 7, 12, 400, 1, 2]), (1, [17, 3, 250]), (2, [8, 8, 8, 8, 8]), (4, [100, 200, 300]),
              (0, [44, 45, 46, 47, 48, 49]), (1, [2, 3, 5, 7, 11, 13]), (3, [60, 61, 62, 63])]
+# prompts for the runner (the demo vocabulary's ids): shorter and longer than a few chunks of 4
+PROMPTS = [[1, 5, 9], [1, 17, 3, 250, 8, 8, 8, 8, 8, 44, 2], [1, 100], [1, 60, 61, 62, 63, 64, 65], [1, 7],
+           [1, 300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311, 312]]
 
 
 def test_the_batch_sizes_tried():
@@ -60,3 +63,29 @@ def test_batched_steps_equal_solo_steps_bitwise(demo_tiny, dtype, quantize, act8
     model.allocate_cache(max_batch=1)
     first = [model.fused.rows([t], [0], [p])[0].clone() for p, t in enumerate(SEQUENCES[0][1])]
     assert all(torch.equal(a, b) for a, b in zip(first, alone[0]))
+
+
+@pytest.mark.parametrize("ranks,dtype,quantize,kernels", [
+    (2, "float32", None, "auto"), (2, "bfloat16", "int4", "auto"), (3, "float32", None, "auto"),
+    (2, "float32", None, "0")])
+def test_batched_steps_across_ranks(demo_tiny, tmp_path, ranks, dtype, quantize, kernels):
+    """Across ranks (the kernel's rows with the partial sums in rank order; or, PLEXUS_KERNELS=0,
+    torch's forward per row) a sequence's logits are bitwise the same in any batch and equal to
+    its solo step; the continuous-batching runner, with sequences joining while others decode
+    and prompts cut into chunks, gives each prompt the tokens it gets alone."""
+    import json
+    import os
+
+    from tests.helpers import MPI_SCRIPTS, python_cmd, run_mpi
+
+    out = tmp_path / "out.json"
+    env = {**os.environ, "PLEXUS_KERNELS": kernels}
+    r = run_mpi(ranks, python_cmd(MPI_SCRIPTS / "batch_steps.py", demo_tiny, out, dtype, *([quantize] if quantize else [])),
+                timeout=300, env=env)
+    assert r.rc == 0 and not r.timed_out, r.describe()
+    got = json.loads(out.read_text())
+    assert got["fused"] == (kernels != "0")
+    assert len(got["solo"]) == len(SEQUENCES) and all(len(s) == len(t) for s, (_, t) in zip(got["solo"], SEQUENCES))
+    assert got["batched"] == got["alone"]  # whatever else is in the step
+    assert got["batched"] == got["solo"]  # and the one-sequence step's bits
+    assert got["runner"] == got["complete"] and sum(map(len, got["runner"])) > 2 * len(PROMPTS)

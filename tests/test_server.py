@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from plexus.engine.engine import Engine
+import torch
+
 from plexus.errors import PlexusError
 from plexus.serve.app import create_app
 from plexus.serve.http import HttpServer
@@ -59,17 +60,22 @@ MPIError.__module__ = "mpi4py.MPI"
 
 
 class FakeEngine:
+    """Engine's batch interface (engine/batch.py drives it) over fake steps: each row's logits
+    pick the next token of ``expected``; a step sleeps ``delay`` and hangs while ``block`` is set."""
     max_context = 256
     vocab_size = 0x110000
+    eos_token_ids = frozenset({EOS})
 
-    def __init__(self, delay=0.0):
-        self.delay = delay
+    def __init__(self, delay=0.0, max_batch=8):
+        self.delay, self.max_batch = delay, max_batch
         self.block = threading.Event()  # set: the next step hangs like a collective with a dead rank
         self.raise_next: Exception | None = None
         self.tokens_made = 0
         self.pings = 0
         self.shutdowns = []
         self.started = threading.Event()
+        self.prompts: dict[int, list[int]] = {}  # slot -> its prompt
+        self.most_rows = 0  # the largest batch a step ran
 
     def check_request(self, ids, max_tokens):
         if not ids:
@@ -78,24 +84,39 @@ class FakeEngine:
         if bad:
             raise PlexusError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
 
-    eos_token_ids = frozenset({EOS})
+    def begin_batch(self):
+        pass
 
-    def generate(self, prompt_ids, params):
-        """Like Engine.generate: yields tokens until EOS or max_tokens, one step per token."""
-        for token in expected(prompt_ids, params.max_tokens):
-            while self.block.is_set():
-                time.sleep(0.01)
-            time.sleep(self.delay)
-            self.tokens_made += 1
-            yield token
+    def end_batch(self):
+        pass
 
-    def complete(self, *args, **kwargs):
-        """The real Engine.complete (stop strings, cancel, detokenizing) over the fake steps."""
+    @staticmethod
+    def _logits(token):
+        logits = torch.full((token + 1,), float("-inf"))
+        logits[token] = 0.0  # the only possible pick, at any temperature
+        return logits
+
+    def _next(self, slot, n):
+        """The n-th generated token of the sequence in ``slot`` (0 = the first)."""
+        out = expected(self.prompts[slot], 10**6)
+        return out[n] if n < len(out) else EOS
+
+    def batch_step(self, prefill, rows):
         self.started.set()
         if self.raise_next:
             err, self.raise_next = self.raise_next, None
             raise err
-        return Engine.complete(self, *args, **kwargs)
+        while self.block.is_set():
+            time.sleep(0.01)
+        time.sleep(self.delay)
+        chunks = []
+        for slot, start, ids in prefill:
+            self.prompts[slot] = (self.prompts[slot] if start else []) + list(ids)
+            chunks.append(self._logits(self._next(slot, 0)))
+        self.most_rows = max(self.most_rows, len(rows))
+        self.tokens_made += len(prefill) + len(rows)
+        logits = [self._logits(self._next(slot, pos - len(self.prompts[slot]) + 1)) for _, slot, pos in rows]
+        return chunks, logits
 
     def ping(self):
         self.pings += 1
@@ -109,7 +130,7 @@ class FakeEngine:
 @pytest.fixture
 def stack():
     """(scheduler, engine, client) of a ready server with an API key."""
-    sched = Scheduler(world_size=3, stall_timeout=0, ping_interval=0.05, max_pending=32)
+    sched = Scheduler(world_size=3, stall_timeout=0, ping_interval=0.05, max_queue=32)
     app = create_app(sched, MODEL, api_key=KEY, max_body_bytes=4096)
     engine = FakeEngine()
     sched.start(engine, FakeTokenizer())
@@ -372,17 +393,49 @@ def test_concurrent_clients_get_their_own_answers(stack):
     assert got == want
 
 
-def test_queue_full_is_429(stack):
-    sched, engine, client = stack
-    sched.max_pending = 1
+def test_past_the_batch_and_the_queue_is_429_with_retry_after():
+    """One place in the batch, one in the queue: the third request is refused at once with 429,
+    an OpenAI-shaped error and Retry-After; the first two are answered in full."""
+    sched = Scheduler(world_size=1, stall_timeout=0, ping_interval=0.05, max_queue=1, max_batch=1)
+    app = create_app(sched, MODEL)
+    engine = FakeEngine()
+    sched.start(engine, FakeTokenizer())
     engine.block.set()
-    t = threading.Thread(target=post, args=(client.application.test_client(), "/v1/completions", COMP))
-    t.start()
-    assert engine.started.wait(5)
-    resp = post(client, "/v1/completions", COMP)
-    assert_error_shape(resp.get_json(), 429, resp.status_code)
-    engine.block.clear()
-    t.join(10)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, app.test_client(), "/v1/completions", COMP)
+        assert engine.started.wait(5)
+        second = pool.submit(post, app.test_client(), "/v1/completions", COMP)
+        deadline = time.monotonic() + 5
+        while sched.queue_depth() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sched.queue_depth() == 1 and sched.running() == 1
+        resp = post(app.test_client(), "/v1/completions", COMP)
+        assert_error_shape(resp.get_json(), 429, resp.status_code)
+        assert resp.get_json()["error"]["code"] == "queue_full"
+        assert int(resp.headers["Retry-After"]) >= 1
+        engine.block.clear()
+        want = FakeTokenizer().decode(expected(FakeTokenizer().encode(COMP["prompt"]), COMP["max_tokens"]))
+        for f in (first, second):
+            assert f.result(10).get_json()["choices"][0]["text"] == want
+    sched.stop()
+
+
+def test_a_request_waits_at_most_queue_timeout():
+    """(Checked between steps: each of the running request's steps takes 0.1 s here.)"""
+    sched = Scheduler(world_size=1, stall_timeout=0, ping_interval=0.05, max_batch=1, queue_timeout=0.3)
+    app = create_app(sched, MODEL)
+    engine = FakeEngine(delay=0.1)
+    sched.start(engine, FakeTokenizer())
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, app.test_client(), "/v1/completions", _with(COMP, max_tokens=40, prompt="a" * 40))
+        assert engine.started.wait(5)
+        t0 = time.monotonic()
+        resp = post(app.test_client(), "/v1/completions", COMP)
+        assert_error_shape(resp.get_json(), 503, resp.status_code)
+        assert resp.get_json()["error"]["code"] == "queue_timeout" and "--queue-timeout" in resp.get_json()["error"]["message"]
+        assert time.monotonic() - t0 < 5
+        assert first.result(10).status_code == 200
+    sched.stop()
 
 
 def test_client_gone_stops_generation(stack):
@@ -504,7 +557,7 @@ def test_metrics(stack):
     assert _metric(client, "plexus_world_size") == 3
     assert _metric(client, "plexus_queue_depth") == 0
     assert _metric(client, "plexus_time_to_first_token_seconds_count") == 1
-    assert _metric(client, "plexus_time_per_output_token_seconds_count") == 2  # 3 text tokens, then EOS
+    assert _metric(client, "plexus_time_per_output_token_seconds_count") == 3  # 4 tokens (3 text, EOS): 3 gaps
 
 
 def test_two_apps_have_separate_registries():
@@ -574,7 +627,7 @@ def test_waitress_disconnect_and_stop_accepting():
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # the headers and the first chunk
         sock.close()  # the client leaves mid-stream
         deadline = time.monotonic() + 5
-        while sched._running is not None and time.monotonic() < deadline:
+        while sched.running() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert engine.tokens_made < 30, "generation went on after the client left"
         conn, resp = _free_request(http_server.port, _with(COMP, max_tokens=2))

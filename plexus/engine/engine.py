@@ -117,27 +117,31 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, model: CausalLM, comm: Communicator, eos_token_ids: frozenset[int] = frozenset()):
+    def __init__(self, model: CausalLM, comm: Communicator, eos_token_ids: frozenset[int] = frozenset(),
+                 max_batch: int = 1):
         self.model, self.comm = model, comm
+        self.max_batch = max_batch  # KV-cache slots: sequences a batch may run at once
         self.config: ModelConfig = model.config
         self.plan: ShardPlan = model.plan
         self.max_context = model.max_context
         self.eos_token_ids = eos_token_ids
         self.device = model.embed_tokens.device
         self._ctrl = np.zeros(2, dtype=np.int64)  # (token id, 1 = go on / 0 = stop)
-        model.allocate_cache(max_batch=1)
+        model.allocate_cache(max_batch=max_batch)
 
     @classmethod
     def load(cls, model_dir: str | Path, comm: Communicator, dtype: str | None = None, device: str = "cpu",
              max_context: int | None = None, weights: list[float] | None = None,
              eos_token_ids: frozenset[int] = frozenset(), progress=None, split="memory",
-             max_memory=None, max_batch: int = 1, quantize: str | None = None, quant_group: int = 128) -> "Engine":
+             max_memory=None, max_batch: int = 1, quantize: str | None = None, quant_group: int = 128,
+             fit_batch: bool = False) -> "Engine":
         """Read the config, agree on one plan, and load this rank's shard on every rank.
 
         ``split``: "even", "memory" or per-rank weights (``weights`` is the same, older spelling);
         ``max_memory``: one budget for all ranks or one per rank ("6GiB", [bytes, ...]), for the
-        weights plus the KV cache of ``max_context`` x ``max_batch``. If the plan does not fit,
-        every rank raises the same PlexusError before any weight is read.
+        weights plus the KV cache of ``max_context`` x ``max_batch`` (``fit_batch``: or as many
+        sequences as fit, at least one). If the plan does not fit, every rank raises the same
+        PlexusError before any weight is read.
         """
         error, config, torch_dtype, ctx, layout, fmt = None, None, None, 0, None, None
         try:
@@ -149,14 +153,14 @@ class Engine:
             error = str(e)
         comm.agree(error)
         pool = agree_pool_plan(comm, config, torch_dtype, device, ctx, weights or split, max_memory, max_batch,
-                               layout)
+                               layout, fit_batch)
         if hasattr(progress, "set_plan"):
             progress.set_plan(pool.plan)  # the load bar's total: this rank's share
         if comm.rank == 0:
             get_logger().info(pool.table())
         model = load_model(model_dir, config, pool.plan, comm, ctx, torch_dtype, device, progress,
                            (bits_of(quantize), quant_group) if quantize else None, fmt)
-        engine = cls(model, comm, eos_token_ids or frozenset(config.eos_token_ids))
+        engine = cls(model, comm, eos_token_ids or frozenset(config.eos_token_ids), pool.max_batch)
         if model.fused is not None and model.fused.group is not None:  # ranks of one node
             model.fused.take_rows(model, pool.spare_bytes(comm.rank))
         return engine
@@ -260,6 +264,33 @@ class Engine:
                 total -= logp.gather(1, targets[:, None]).sum().item()
         return total
 
+    # ---- batches (engine/batch.py drives them on rank 0) --------------------------------------
+
+    def begin_batch(self) -> None:
+        """Rank 0: the other ranks follow batch steps (``batch_step``) until ``end_batch``."""
+        self.comm.bcast_obj({"op": "batch"})
+
+    def batch_step(self, prefill: list[tuple[int, int, list[int]]], rows: list[tuple[int, int, int]]) -> tuple:
+        """Rank 0, inside a batch: one step on every rank. ``prefill``: prompt chunks (slot, start,
+        ids), each run on its own; ``rows``: decode rows (token, slot, position), run together.
+        Returns (the last position's logits (vocab,) of each chunk, the rows' logits (n, vocab))."""
+        step = {"prefill": prefill, "rows": rows}
+        self.comm.bcast_obj(step)
+        return self._batch_step(step)
+
+    def end_batch(self) -> None:
+        self.comm.bcast_obj(None)
+
+    @torch.inference_mode()
+    def _batch_step(self, step: dict) -> tuple:
+        chunks = []
+        for slot, start, ids in step["prefill"]:
+            logits = self.model(torch.tensor([ids], device=self.device), start, slot=slot)
+            chunks.append(None if logits is None else logits[0, -1].float().cpu())
+        rows = step["rows"]
+        logits = self.model.step_rows(*map(list, zip(*rows))) if rows else None
+        return chunks, logits
+
     def ping(self) -> None:
         """A collective every rank joins (rank 0, while idle). A dead rank then shows up now,
         as an MPI error under ULFM or as a stall a watchdog sees, not at the next request."""
@@ -290,6 +321,9 @@ class Engine:
                 self._follow(cmd["ids"])
             elif cmd["op"] == "score":
                 self._score(cmd["ids"])
+            elif cmd["op"] == "batch":
+                while (step := self.comm.bcast_obj()) is not None:
+                    self._batch_step(step)
             elif cmd["op"] == "ping":
                 self.comm.barrier()
 

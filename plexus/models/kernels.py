@@ -36,7 +36,7 @@ from plexus.files import apply_umask
 from plexus.log import get_logger
 from plexus.parallel.hostmem import host_empty
 from plexus.parallel.sizes import format_size
-from plexus.models.cstructs import (_OFF, _Ends, _Layer, _Row, _RowScratch, _Scratch, _layout_bytes, _mat, _tail_layout,
+from plexus.models.cstructs import (_OFF, _Ends, _Layer, _Scratch, _layout_bytes, _mat, _tail_layout,
                                     _tail_mat, _tail_pieces, int8_activations)
 from plexus.models.node_group import _NodeGroup, _node_group
 
@@ -124,7 +124,12 @@ def library(dtype: torch.dtype = torch.float32):
                     fn.restype = None
                 lib.plexus_step.restype = ctypes.c_int
                 lib.plexus_step_rows.argtypes = [p, f, p, p, p, f, p, p, p, f, i]
-                lib.plexus_step_rows.restype = ctypes.c_int
+                lib.plexus_rows_embed.argtypes = [p, p, p, f]
+                lib.plexus_rows_embed.restype = None
+                lib.plexus_rows_half.argtypes = [p, p, p, f, i, i, p, p, f, i]
+                lib.plexus_rows_head.argtypes = [p, p, f, p, i]
+                for fn in (lib.plexus_step_rows, lib.plexus_rows_half, lib.plexus_rows_head):
+                    fn.restype = ctypes.c_int
             except (RuntimeError, OSError) as e:
                 get_logger().warning("fused decode kernel unavailable (%s); decoding with torch ops", e)
                 lib = False
@@ -246,24 +251,17 @@ class FusedDecoder:
         self._logits = torch.empty(1, 1, self.vocab) if self.comm.rank == 0 else None
         self.group: _NodeGroup | None = None
         self._sizes = (cfg.hidden_size, (nq + 2 * nk) * d, nq * d, 2 * m, model.max_context)
+        self._rows = None  # the batched step (plexus/models/rows.py), made on first use
 
-    def rows(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
-        """One decode step of several sequences (world size 1): sequence i's ``tokens[i]`` at
-        ``positions[i]`` in KV-cache slot ``slots[i]`` -> float32 logits (len(tokens), vocab),
-        row i bitwise what stepping sequence i alone gives (csrc/rows.h)."""
-        if self.comm.size != 1:
-            raise NotImplementedError("batched decode steps run at world size 1 for now")
-        n, threads = len(tokens), torch.get_num_threads()
-        h, qkv, attn, gate_up, ctx = self._sizes
-        bufs = [torch.empty(n * w) for w in (h, h, h, qkv, attn, gate_up)] + [torch.empty(threads * ctx)]
-        rows = (_Row * n)(*(_Row(t, s, p) for t, s, p in zip(tokens, slots, positions)))
-        logits = torch.empty(n, self.vocab)
-        failed = self.lib.plexus_step_rows(self.layers, len(self._layer_ptrs), ctypes.byref(self.ends),
-                                           ctypes.byref(_RowScratch(*(b.data_ptr() for b in bufs))), rows, n,
-                                           logits.data_ptr(), self._cos, self._sin, self._rope_row // 4, threads)
-        if failed:
-            raise MemoryError(f"a batched decode step of {n} rows could not allocate its scratch")
-        return logits
+    def rows(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor | None:
+        """One decode step of several sequences: sequence i's ``tokens[i]`` at ``positions[i]`` in
+        KV-cache slot ``slots[i]`` -> float32 logits (len(tokens), vocab) on rank 0 (None
+        elsewhere), row i bitwise the same whatever the other rows are (csrc/rows.h)."""
+        if self._rows is None:
+            from plexus.models.rows import RowStepper
+
+            self._rows = RowStepper(self)
+        return self._rows(tokens, slots, positions)
 
     def take_rows(self, model, spare_bytes: int | None) -> None:
         """Collective over a node group (see decode.c, "Taking rows"): give the previous rank a

@@ -108,14 +108,15 @@ class Attention(nn.Module):
             self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """x (B, T, hidden) at positions start.. into KV-cache slots slot.. slot+B-1."""
         b, t, _ = x.shape
         d, nq, nk = self.head_dim, self.num_heads_per_rank, self.num_kv_heads_per_rank
         qkv = self.qkv_proj(x)  # (B, T, (nq + 2 nk) d)
         qk = apply_rope(qkv[..., :(nq + nk) * d].view(b, t, nq + nk, d), cos, sin)  # q and k rotated at once
         v = qkv[..., (nq + nk) * d:].view(b, t, nk, d)  # (B, T, nk, d)
         end = start + t
-        k_cache, v_cache = self.k_cache[:b], self.v_cache[:b]
+        k_cache, v_cache = self.k_cache[slot:slot + b], self.v_cache[slot:slot + b]
         k_cache.narrow(2, start, t).copy_(qk[:, :, nq:].transpose(1, 2))  # (B, nk, T, d)
         v_cache.narrow(2, start, t).copy_(v.transpose(1, 2))
         lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window - t + 1)
@@ -172,8 +173,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(f"{p}.post_attention_layernorm", h, eps, dtype, device)
         self.mlp = MLP(config, shard, f"{p}.mlp", comm, dtype, device, quantized)
 
-    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), start, cos, sin)
+    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), start, cos, sin, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -199,22 +200,23 @@ class CausalLM(nn.Module):
         self.fused: FusedDecoder | None = None
 
     def allocate_cache(self, max_batch: int = 1) -> None:
-        """Preallocate the KV cache; with weights and cache in place, build the fused decode
+        """Preallocate the KV cache, ``max_batch`` slots of max_context positions; with weights and cache in place, build the fused decode
         step where it applies (float32, bfloat16 or float16 on the CPU, see plexus/models/kernels.py)."""
         for layer in self.layers:
             layer.self_attn.allocate_cache(max_batch, self.max_context)
         self.fused = FusedDecoder.for_model(self)
 
-    def forward(self, ids: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor | None:
-        """ids (B, T) at positions start.. -> float32 logits (B, T or 1, vocab) on rank 0, None elsewhere."""
-        if self.fused is not None and ids.shape == (1, 1):
+    def forward(self, ids: torch.Tensor, start: int = 0, last_only: bool = True, slot: int = 0) -> torch.Tensor | None:
+        """ids (B, T) at positions start.. in KV-cache slots slot.. -> float32 logits (B, T or 1,
+        vocab) on rank 0, None elsewhere."""
+        if self.fused is not None and ids.shape == (1, 1) and slot == 0:
             # one new token (a decode step): all of the below, collectives included, in the fused
             # C kernel (plexus/models/kernels.py)
             return self.fused(int(ids), start)
         x = self.embed_tokens(ids)  # (B, T, hidden)
         cos, sin = self.rope.tables(start, ids.shape[1], x.dtype)
         for layer in self.layers:
-            x = layer(x, start, cos, sin)
+            x = layer(x, start, cos, sin, slot)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
@@ -226,3 +228,15 @@ class CausalLM(nn.Module):
         if self.fused is not None:
             return self.fused(token, pos, reuse=True)
         return self(torch.tensor([[token]], device=self.embed_tokens.device), pos)
+
+    def step_rows(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor | None:
+        """One decode step of several sequences (sequence i: ``tokens[i]`` at ``positions[i]`` in
+        KV-cache slot ``slots[i]``) -> float32 logits (len(tokens), vocab) on rank 0, None
+        elsewhere. Each row's logits are bitwise the same whatever the other rows are: in the
+        kernel one weight stream serves every row (models/rows.py); without it each row is its own
+        forward pass."""
+        if self.fused is not None:
+            return self.fused.rows(tokens, slots, positions)
+        device = self.embed_tokens.device
+        rows = [self(torch.tensor([[t]], device=device), p, slot=s) for t, s, p in zip(tokens, slots, positions)]
+        return None if rows[0] is None else torch.cat([r[0, -1:].float().cpu() for r in rows])

@@ -13,7 +13,7 @@ from config.json (and the safetensors headers) without MPI.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from plexus.errors import PlexusError
@@ -246,10 +246,12 @@ class PoolPlan:
 
 def agree_pool_plan(comm, config: ModelShape, dtype, device: str, max_context: int,
                     split: str | Sequence[float] | None = "memory", max_memory=None,
-                    max_batch: int = 1, quant: QuantShape | None = None) -> PoolPlan:
+                    max_batch: int = 1, quant: QuantShape | None = None, fit_batch: bool = False) -> PoolPlan:
     """Collective. Every rank measures the memory it can use, all ranks gather the measurements
     and build the same plan; if it does not fit the budgets (``max_memory``, else the measured
-    memory) every rank raises the same one-line PlexusError — before any weight is read."""
+    memory) every rank raises the same one-line PlexusError — before any weight is read.
+    ``fit_batch``: ``max_batch`` is a most; the plan holds as many sequences' KV cache as fit (at
+    least one)."""
     report = (comm.hostname, str(device), device_free_bytes(str(device)))
     reports = comm.allgather_obj(report)
     pool, error = None, None
@@ -262,6 +264,8 @@ def agree_pool_plan(comm, config: ModelShape, dtype, device: str, max_context: i
         labels = [f"{d}@{h}" if multi_host else d for h, d, _ in reports]
         name = str(dtype).removeprefix("torch.")
         pool = PoolPlan.build(config, comm.size, name, max_context, max_batch, split, budgets, kind, labels, quant)
+        while fit_batch and pool.max_batch > 1 and pool.fits is False:
+            pool = replace(pool, max_batch=pool.max_batch - 1)
         error = pool.failure()
     except PlexusError as e:
         error = str(e)

@@ -65,6 +65,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     def api_error(e: APIError):
         resp = jsonify(e.body())
         resp.status_code = e.status
+        resp.headers.update(e.headers)
         if e.status == 401:
             resp.headers["WWW-Authenticate"] = "Bearer"
         return resp

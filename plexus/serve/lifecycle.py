@@ -58,6 +58,10 @@ class ServeOptions:
     stall_timeout: float
     quantize: str | None = None
     quant_group: int = 128
+    max_batch: int = 16
+    max_queue: int = 64
+    queue_timeout: float = 300.0
+    prefill_chunk: int = 32
     tokenizer: str | None = None  # --tokenizer: instead of the model's own
 
 
@@ -142,7 +146,8 @@ def run_serve(rt, opts: ServeOptions, signals: Signals) -> int:
         if comm.rank == 0:
             tokenizer = load_tokenizer(model_dir, opts.tokenizer, load_config(model_dir).vocab_size)
             name = opts.served_model_name or Path(model_dir).resolve().name
-            scheduler = Scheduler(comm.size, opts.stall_timeout, max_pending=opts.http_threads - 4)
+            scheduler = Scheduler(comm.size, opts.stall_timeout, max_queue=opts.max_queue, max_batch=opts.max_batch,
+                                  queue_timeout=opts.queue_timeout, prefill_chunk=opts.prefill_chunk)
             app = create_app(scheduler, name, opts.api_key, opts.max_body_bytes)
             http = HttpServer(app, opts.host, opts.port, opts.http_threads, opts.max_body_bytes)
     except PlexusError as e:
@@ -160,11 +165,16 @@ def run_serve(rt, opts: ServeOptions, signals: Signals) -> int:
         engine = Engine.load(model_dir, comm, opts.dtype, rt.device, opts.max_context,
                              eos_token_ids=tokenizer.eos_token_ids if tokenizer else frozenset(),
                              progress=progress, split=opts.split, max_memory=opts.max_memory,
-                             quantize=opts.quantize, quant_group=opts.quant_group)
+                             quantize=opts.quantize, quant_group=opts.quant_group, max_batch=opts.max_batch,
+                             fit_batch=True)
     log_rank_table(rt, engine)
     if comm.rank != 0:
         return _worker_main(engine, log)
     scheduler.start(engine, tokenizer)
+    log.info(f"batch: up to {engine.max_batch} sequences at once, each up to {engine.max_context} tokens"
+             + (f" (--max-batch {opts.max_batch}: the memory holds the KV cache of {engine.max_batch})"
+                if engine.max_batch < opts.max_batch else "")
+             + f"; then up to {opts.max_queue} waiting (--max-queue), each for up to {opts.queue_timeout:g} s")
     log.info(f"ready: {name} loaded on {comm.size} rank(s) in {time.monotonic() - t0:.1f} s; "
              f"SIGTERM rank 0 (pid {os.getpid()}) or SIGUSR1 the launcher to drain and stop")
     return _rank0_main(scheduler, http, comm, log, opts)

@@ -1,6 +1,8 @@
-"""Rank 0's request queue: HTTP handler threads submit jobs, one engine thread runs them one
-after another (every rank follows each broadcast step in lockstep), and each job's text flows
-back to its own handler through the job's event queue.
+"""Rank 0's request queue: HTTP handler threads submit jobs; one engine thread runs them in a
+continuous batch (engine/batch.py: up to ``max_batch`` at once, joining and leaving between
+steps; every rank follows each broadcast step in lockstep), and each job's text flows back to its
+own handler through the job's event queue. Past the batch, jobs wait in a bounded queue
+(``max_queue``; beyond it 429 with Retry-After) for at most ``queue_timeout`` seconds (then 503).
 
 The scheduler also owns the server's lifecycle, ``loading -> ok -> stopping | failed``, and
 notices a broken mesh: an exception out of a collective (under ULFM, ``mpirun --with-ft ulfm``,
@@ -11,11 +13,14 @@ a dead rank makes the next collective raise) or a collective that makes no progr
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
+from collections import deque
 from typing import Callable
 
+from plexus.engine.batch import BatchRunner
 from plexus.engine.sampling import SamplingParams
 from plexus.errors import MeshBroken, PlexusError
 from plexus.log import get_logger
@@ -39,6 +44,7 @@ class Job:
         self.submitted = time.monotonic()
         self.started: float | None = None
         self.last_token: float | None = None
+        self.seq = None  # its place in the batch, once admitted
         self._lock = threading.Lock()
         self._finished = False
 
@@ -64,25 +70,28 @@ class Job:
 
 class Scheduler:
     def __init__(self, world_size: int = 1, stall_timeout: float = 60.0, ping_interval: float = 1.0,
-                 max_pending: int = 256, registry=None):
+                 max_queue: int = 256, registry=None, max_batch: int | None = None, queue_timeout: float = 300.0,
+                 prefill_chunk: int | None = None):
         self.world_size = world_size
-        self.stall_timeout, self.ping_interval, self.max_pending = stall_timeout, ping_interval, max_pending
+        self.stall_timeout, self.ping_interval, self.max_queue = stall_timeout, ping_interval, max_queue
+        self.max_batch, self.queue_timeout, self.prefill_chunk = max_batch, queue_timeout, prefill_chunk
         self.state = LOADING
         self.engine = self.tokenizer = None
+        self.runner: BatchRunner | None = None
         self.failure: str | None = None
         self.failure_kind: str | None = None  # "mpi" (a collective raised), "stall", "internal"
         self.stop_now = False
         self.stopped_at: float | None = None  # monotonic time of the first stop()
         self.finished = threading.Event()  # the engine thread is done (stopped or failed)
-        self.metrics = ServerMetrics(world_size, self.queue_depth, lambda: int(self._running is not None),
-                                     registry)
-        self._queue: queue.Queue = queue.Queue()
+        self.metrics = ServerMetrics(world_size, self.queue_depth, self.running, registry)
+        self._waiting: deque[Job] = deque()  # submitted, not yet in the batch
+        self._wake = threading.Condition()
         self._jobs: set[Job] = set()  # submitted and not finished
-        self._running: Job | None = None
         self._lock = threading.Lock()
         self._deadline: float | None = None  # stopping: cancel in-flight work after this
         self._busy_since: float | None = None  # engine thread inside a collective since
         self._progress = 0.0  # last sign of life from the mesh (a token, a finished ping)
+        self._step_s = 0.0  # a recent step's duration (for Retry-After)
         self.log = get_logger()
 
     # ---- lifecycle (called from the main thread and signal handlers) ---------------------------
@@ -90,6 +99,8 @@ class Scheduler:
     def start(self, engine, tokenizer) -> None:
         """Loaded: accept requests, start the engine thread and the watchdog."""
         self.engine, self.tokenizer = engine, tokenizer
+        self.runner = BatchRunner(engine, tokenizer, max_batch=self.max_batch,
+                                  **({"prefill_chunk": self.prefill_chunk} if self.prefill_chunk else {}))
         with self._lock:
             if self.state == LOADING:
                 self.state = OK
@@ -111,7 +122,7 @@ class Scheduler:
             jobs = list(self._jobs) if now else []
         for job in jobs:  # now: answer at once, even if the engine thread is stuck in a collective
             job.finish("error", unavailable("the server is shutting down", "shutting_down"))
-        self._queue.put(None)  # wake the engine thread (started after loading if still loading)
+        self._notify()  # wake the engine thread (started after loading if still loading)
 
     def fail(self, reason: str, kind: str = "internal") -> None:
         """The mesh is broken: answer every waiting request with 503 and stop."""
@@ -138,11 +149,17 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self._lock:
             self.check_ready()
-            if len(self._jobs) >= self.max_pending:
-                raise APIError(429, f"too many requests in flight ({self.max_pending}); retry later",
-                               "rate_limit_error", None, "queue_full")
+            if len(self._waiting) >= self.max_queue:
+                raise APIError(429, f"the server is busy: {self.running()} requests running and {len(self._waiting)} "
+                               "waiting (--max-queue); retry later", "rate_limit_error", None, "queue_full",
+                               headers={"Retry-After": str(self.retry_after())})
             self._jobs.add(job)
-        self._queue.put(job)
+            self._waiting.append(job)
+        self._notify()
+
+    def retry_after(self) -> int:
+        """Seconds a refused client might wait: about one running request's remaining steps."""
+        return max(1, min(60, math.ceil(self._step_s * 64)))
 
     def in_flight(self) -> int:
         """Requests submitted and not yet answered (running or queued)."""
@@ -151,23 +168,35 @@ class Scheduler:
 
     def queue_depth(self) -> int:
         with self._lock:
-            return len(self._jobs) - (self._running is not None)
+            return len(self._waiting)
+
+    def running(self) -> int:
+        runner = self.runner
+        return len(runner.running) if runner is not None else 0
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
 
     # ---- the engine thread ---------------------------------------------------------------------
 
     def _engine_thread(self) -> None:
+        runner = self.runner
         try:
             while self.state != FAILED:
-                if self.state == STOPPING and (self._queue.empty() or self._past_deadline()):
-                    break
-                try:
-                    job = self._queue.get(timeout=self.ping_interval)
-                except queue.Empty:
-                    if self.state == OK:
-                        self._collective(self.engine.ping)
+                self._admit(runner)
+                if runner.running:
+                    t0 = time.monotonic()
+                    done = self._collective(runner.step)
+                    self._step_s = time.monotonic() - t0
+                    self._after_step(runner, done)
                     continue
-                if job is not None:
-                    self._run(job)
+                if self.state == STOPPING:
+                    break
+                with self._wake:  # idle: wait for a job; ping the ranks every ping_interval
+                    idle = not self._waiting and self.state == OK and not self._wake.wait(self.ping_interval)
+                if idle and self.state == OK and not self._waiting:
+                    self._collective(self.engine.ping)
             if self.state == STOPPING:
                 self._refuse_waiting()
                 self._collective(lambda: self.engine.shutdown(now=self.stop_now))
@@ -176,25 +205,49 @@ class Scheduler:
         finally:
             self.finished.set()
 
-    def _run(self, job: Job) -> None:
-        if job.gone() or self._past_deadline():
-            self._close(job, "error", unavailable("the server is shutting down", "shutting_down")
-                        if not job.gone() else APIError(499, "client closed the request"))
-            return
-        with self._lock:
-            self._running = job
-        job.started = time.monotonic()
-        job.events.put(("start", None))
-        try:
-            result = self._collective(lambda: self.engine.complete(
-                self.tokenizer, job.prompt_ids, job.params, on_text=job.put_text if job.stream else None,
-                cancelled=lambda: self._tick(job)))
-        except PlexusError as e:  # the request, not the mesh (checked before anything was broadcast)
-            self._close(job, "error", APIError(400, str(e)))
-            return
-        finally:
+    def _admit(self, runner: BatchRunner) -> None:
+        """Move waiting jobs into the batch while it has room; answer those whose client left,
+        that waited past queue_timeout, or (stopping) past the drain deadline."""
+        now = time.monotonic()
+        while True:
             with self._lock:
-                self._running = None
+                expired = [j for j in self._waiting if j.gone() or now - j.submitted > self.queue_timeout
+                           or self._past_deadline()]
+                for job in expired:
+                    self._waiting.remove(job)
+                job = self._waiting.popleft() if self._waiting and runner.room else None
+            for old in expired:
+                self._close(old, "error", APIError(499, "client closed the request") if old.gone() else
+                            unavailable("the server is shutting down", "shutting_down") if self._past_deadline() else
+                            unavailable(f"the request waited {self.queue_timeout:g} s in the queue without a place "
+                                        "in the batch (--queue-timeout); retry later", "queue_timeout"))
+            if job is None:
+                return
+            try:
+                job.seq = runner.add(job.prompt_ids, job.params, on_text=job.put_text if job.stream else None,
+                                     cancelled=lambda job=job: job.gone() or self._past_deadline()
+                                     or self.state == FAILED, tag=job)
+            except PlexusError as e:  # the request, not the mesh (nothing was broadcast)
+                self._close(job, "error", APIError(400, str(e)))
+                continue
+            job.started = time.monotonic()
+            job.events.put(("start", None))
+
+    def _after_step(self, runner: BatchRunner, done: list) -> None:
+        now = time.monotonic()
+        self._progress = now
+        for seq in [*runner.running, *done]:
+            job = seq.tag
+            n = len(seq.result.token_ids)
+            if n and n != getattr(job, "_seen", 0):
+                job._seen = n
+                if job.last_token is not None:
+                    self.metrics.tpot.observe(now - job.last_token)
+                job.last_token = now
+        for seq in done:
+            self._retire(seq.tag, seq.result)
+
+    def _retire(self, job: Job, result) -> None:
         m = self.metrics
         m.prompt_tokens.inc(len(job.prompt_ids))
         m.generation_tokens.inc(len(result.token_ids))
@@ -208,28 +261,17 @@ class Scheduler:
         else:
             self._close(job, "done", result)
 
-    def _tick(self, job: Job) -> bool:
-        """Called by the engine after each token: a sign of life, and whether to stop."""
-        now = time.monotonic()
-        self._progress = now
-        if job.last_token is not None:
-            self.metrics.tpot.observe(now - job.last_token)
-        job.last_token = now
-        return job.gone() or self._past_deadline() or self.state == FAILED
-
     def _close(self, job: Job, kind: str, value) -> None:
         job.finish(kind, value)
         with self._lock:
             self._jobs.discard(job)
 
     def _refuse_waiting(self) -> None:
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                self._close(job, "error", unavailable("the server is shutting down", "shutting_down"))
+        with self._lock:
+            jobs = list(self._waiting)
+            self._waiting.clear()
+        for job in jobs:
+            self._close(job, "error", unavailable("the server is shutting down", "shutting_down"))
 
     def _past_deadline(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline

@@ -6,8 +6,8 @@
  * Batch invariance: each row's arithmetic is that of plexus_step for its sequence alone -- the
  * same mat_dot per (weight row, sequence), the same preparation of each input (prep_row is
  * PREPARE_X's), the same attend, norms, RoPE and SwiGLU -- so a sequence's logits are bitwise the
- * same whatever else is in the batch, and the same as stepping it alone. World size 1 only for
- * now (no node group). */
+ * same whatever else is in the batch, and the same as stepping it alone. On several ranks the
+ * caller sums each half's partial outputs between plexus_rows_half calls (in rank order). */
 
 typedef struct {
     long token, slot, pos;
@@ -98,8 +98,9 @@ static void add_rows(float *X, const float *OUT, long n) {
     for (long i = 0; i < n; i++) X[i] += OUT[i];
 }
 
+/* attention for every row; this rank's o_proj output in S->out, added to x when ``add`` (one rank) */
 static int attention_rows(const Layer *L, const RowScratch *S, const Row *rows, long nrows, const float *cos,
-                          const float *sin, long rope_row) {
+                          const float *sin, long rope_row, int add) {
     long d = L->head_dim, nq = L->num_heads, nk = L->num_kv_heads, T = L->max_context, h = L->hidden;
     long nqkv = (nq + 2 * nk) * d, plane = nk * T * d; /* one slot's K (or V) cache */
     norm_rows(L->input_norm, S->x, S->normed, nrows, h, L->eps);
@@ -132,11 +133,12 @@ static int attention_rows(const Layer *L, const RowScratch *S, const Row *rows, 
                    S->attn + (t * nq + j) * d, lo, pos, d);
         }
     failed |= matvec_part_rows(&L->o, NULL, S->attn, nq * d, S->out, h, h, nq * d, nrows);
-    add_rows(S->x, S->out, nrows * h);
+    if (add) add_rows(S->x, S->out, nrows * h);
     return failed;
 }
 
-static int mlp_rows(const Layer *L, const RowScratch *S, long nrows) {
+/* the MLP for every row, the same way */
+static int mlp_rows(const Layer *L, const RowScratch *S, long nrows, int add) {
     long m = L->intermediate, h = L->hidden;
     norm_rows(L->post_norm, S->x, S->normed, nrows, h, L->eps);
     int failed = matvec_part_rows(&L->gate_up, NULL, S->normed, h, S->gate_up, 2 * m, 2 * m, h, nrows);
@@ -149,8 +151,18 @@ static int mlp_rows(const Layer *L, const RowScratch *S, long nrows) {
             swiglu(gu, gu + m, gu, c * 64, (c + 1) * 64 < m ? (c + 1) * 64 : m);
         }
     failed |= matvec_part_rows(&L->down, NULL, S->gate_up, 2 * m, S->out, h, h, m, nrows);
-    add_rows(S->x, S->out, nrows * h);
+    if (add) add_rows(S->x, S->out, nrows * h);
     return failed;
+}
+
+/* each row's embedding: this rank's row of the table, or zeros (summed over the ranks) */
+static void embed_rows(const Ends *E, const RowScratch *S, const Row *rows, long nrows) {
+    long h = E->hidden;
+    for (long t = 0; t < nrows; t++) {
+        long row = rows[t].token - E->first;
+        if (row >= 0 && row < E->rows) mat_row(&E->embed, row, h, S->x + t * h);
+        else memset(S->x + t * h, 0, h * sizeof(float));
+    }
 }
 
 /* One decode step of ``nrows`` sequences (world size 1): logits (nrows, E->rows). cos, sin: the
@@ -160,19 +172,44 @@ int plexus_step_rows(const Layer *layers, long n, const Ends *E, const RowScratc
                      float *logits, const float *cos, const float *sin, long rope_row, int threads) {
     long h = E->hidden;
     int failed = 0;
-    for (long t = 0; t < nrows; t++) {
-        long row = rows[t].token - E->first;
-        if (row >= 0 && row < E->rows) mat_row(&E->embed, row, h, S->x + t * h);
-        else memset(S->x + t * h, 0, h * sizeof(float));
-    }
+    embed_rows(E, S, rows, nrows);
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         for (long i = 0; i < n; i++) {
-            failed |= attention_rows(layers + i, S, rows, nrows, cos, sin, rope_row);
-            failed |= mlp_rows(layers + i, S, nrows);
+            failed |= attention_rows(layers + i, S, rows, nrows, cos, sin, rope_row, 1);
+            failed |= mlp_rows(layers + i, S, nrows, 1);
         }
         norm_rows(E->norm, S->x, S->normed, nrows, h, E->eps);
         failed |= matvec_part_rows(&E->head, NULL, S->normed, h, logits, E->rows, E->rows, h, nrows);
+    }
+    return failed;
+}
+
+/* Several ranks (the caller sums between the pieces, in rank order, so each row's sums are the
+ * same whatever the other rows): the rows' embeddings (this rank's share) into S->x ... */
+void plexus_rows_embed(const Ends *E, const RowScratch *S, const Row *rows, long nrows) { embed_rows(E, S, rows, nrows); }
+
+/* ... one half of layer L (``mlp``: the MLP, else attention), this rank's partial sum into S->out;
+ * ``before``: first x += S->out, the previous half's sum ... */
+int plexus_rows_half(const Layer *L, const RowScratch *S, const Row *rows, long nrows, int mlp, int before,
+                     const float *cos, const float *sin, long rope_row, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        if (before) add_rows(S->x, S->out, nrows * L->hidden);
+        failed = mlp ? mlp_rows(L, S, nrows, 0) : attention_rows(L, S, rows, nrows, cos, sin, rope_row, 0);
+    }
+    return failed;
+}
+
+/* ... and, after x += S->out, this rank's rows of the LM head: logits (nrows, E->rows) */
+int plexus_rows_head(const Ends *E, const RowScratch *S, long nrows, float *logits, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        add_rows(S->x, S->out, nrows * E->hidden);
+        norm_rows(E->norm, S->x, S->normed, nrows, E->hidden, E->eps);
+        failed = matvec_part_rows(&E->head, NULL, S->normed, E->hidden, logits, E->rows, E->rows, E->hidden, nrows);
     }
     return failed;
 }
