@@ -65,7 +65,8 @@ def check_output_path(output: str | None) -> None:
 
 
 def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output,
-                 split="memory", max_memory=None, quantize=None, quant_group=128, tokenizer_dir=None) -> int:
+                 split="memory", max_memory=None, quantize=None, quant_group=128, tokenizer_dir=None,
+                 max_batch: int = 16) -> int:
     from plexus.engine.engine import Engine, check_prompts
     from plexus.engine.runtime import load_progress, log_rank_table, resolve_model_dir
     from plexus.engine.tokenizer import load_tokenizer
@@ -84,11 +85,13 @@ def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_conte
     except PlexusError as e:
         error = str(e)
     comm.agree(error)
+    batch = min(max_batch, comm.bcast_obj(len(requests) if comm.rank == 0 else None))  # KV slots: the same on every rank
 
     with load_progress(rt, model_dir) as progress:
         engine = Engine.load(model_dir, comm, dtype, rt.device, max_context,
                              eos_token_ids=tokenizer.eos_token_ids if tokenizer else frozenset(), progress=progress,
-                             split=split, max_memory=max_memory, quantize=quantize, quant_group=quant_group)
+                             split=split, max_memory=max_memory, quantize=quantize, quant_group=quant_group,
+                             max_batch=batch, fit_batch=True)
     log_rank_table(rt, engine)
     if comm.rank != 0:
         engine.worker_loop()
@@ -104,27 +107,43 @@ def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_conte
 
 
 def _run_requests(engine, tokenizer, requests, params, as_json, output) -> None:
-    """Rank 0: run the prompts (checked before loading) in order, streaming plain text or
-    writing one JSON line per prompt as soon as it is done."""
-    stream = not as_json and not output
+    """Rank 0: run the prompts (checked before loading) batched (engine/batch.py: up to the
+    engine's KV-cache slots at once), streaming plain text for one prompt, otherwise writing each
+    completion in the input's order as soon as it and those before it are done."""
+    from plexus.engine.batch import BatchRunner
+
+    stream = not as_json and not output and len(requests) == 1
     on_text = (lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream else None
     sink = open(output, "w") if output else sys.stdout
+    runner, results, written, todo = BatchRunner(engine, tokenizer), {}, 0, list(enumerate(requests))[::-1]
     try:
-        for req in requests:
-            result = engine.complete(tokenizer, req["ids"], params, on_text=on_text)
-            if stream:
-                sink.write("\n")
-            else:
-                record = {"prompt": req["prompt"], "prompt_token_ids": result.prompt_token_ids,
-                          "token_ids": result.token_ids, "text": result.text,
-                          "finish_reason": result.finish_reason}
-                if "messages" in req:
-                    record["messages"] = req["messages"]
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()
+        while todo or runner.running:
+            while todo and runner.room:
+                n, req = todo.pop()
+                runner.add(req["ids"], params, on_text=on_text, tag=n)
+            for seq in runner.step():
+                results[seq.tag] = seq.result
+            while written in results:
+                _write(sink, requests[written], results.pop(written), as_json or output, stream)
+                written += 1
     finally:
+        runner.close()
         if output:
             sink.close()
+
+
+def _write(sink, req, result, as_record, stream) -> None:
+    if stream:
+        sink.write("\n")
+    elif as_record:
+        record = {"prompt": req["prompt"], "prompt_token_ids": result.prompt_token_ids,
+                  "token_ids": result.token_ids, "text": result.text, "finish_reason": result.finish_reason}
+        if "messages" in req:
+            record["messages"] = req["messages"]
+        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+    else:
+        sink.write(result.text + "\n")
+    sink.flush()
 
 
 @click.command()
@@ -141,9 +160,12 @@ def _run_requests(engine, tokenizer, requests, params, as_json, output) -> None:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
 @click.option("--output", default=None, help="Write JSON lines to this file instead of stdout.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Prompts of --prompts-file generated at once (fewer if the memory holds fewer KV caches).")
 @tokenizer_option
 def generate(model, dtype, device, threads, max_context, split, max_memory, verbose, prompt, prompts_file, chat,
-             max_tokens, temperature, top_p, top_k, seed, stop, as_json, output, quantize, quant_group, tokenizer_dir):
+             max_tokens, temperature, top_p, top_k, seed, stop, as_json, output, max_batch, quantize, quant_group,
+             tokenizer_dir):
     """Generate text from a prompt or a JSONL file of prompts (run under mpirun)."""
     from plexus.engine.runtime import run_guarded, start
     from plexus.engine.sampling import SamplingParams
@@ -154,6 +176,6 @@ def generate(model, dtype, device, threads, max_context, split, max_memory, verb
         rt = state["rt"] = start(device, threads, verbose)
         params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop))
         return run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output,
-                            split, max_memory, quantize, quant_group, tokenizer_dir)
+                            split, max_memory, quantize, quant_group, tokenizer_dir, max_batch)
 
     run_guarded(body, lambda: state["rt"].comm if "rt" in state else None)

@@ -1,0 +1,136 @@
+"""Continuous batching end to end (issue 18): ``plexus serve`` on 2 ranks with stories260K, many
+clients at once, each answer equal to the same prompt run alone (``plexus generate --max-batch 1``,
+an independent run); cancelling some streams leaves the others' answers unchanged; ``plexus
+generate --prompts-file`` batches and keeps the input's order. In-process: the runner at world
+size 1 against ``Engine.generate``."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from tests.helpers import plexus_cmd, run_mpi
+from tests.test_server_mpi import Serve, client, metric
+
+NAMES = ["Lily", "Tom", "Ben", "Sue", "Max", "Mia", "Sam", "Amy"]
+THINGS = ["a ball", "a cat", "the sun", "a big tree", "a red car", "the park", "a bird", "a cake"]
+PROMPTS = [f"{n} saw {t}" for n in NAMES for t in THINGS]  # 64 distinct prompts
+MAX_TOKENS = 24
+
+
+def solo(model_dir, tmp_path, prompts, *args) -> list[str]:
+    """Each prompt's greedy text run alone (one sequence at a time), on 2 ranks."""
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    r = run_mpi(2, plexus_cmd("generate", "--model", model_dir, "--prompts-file", f, "--max-tokens", MAX_TOKENS,
+                              "--json", "--max-batch", "1", *args), timeout=300)
+    assert r.rc == 0, r.describe()
+    return [json.loads(line)["text"] for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def alone(stories_dir, tmp_path_factory):
+    return solo(stories_dir, tmp_path_factory.mktemp("solo"), PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def batch_server(stories_dir):
+    s = Serve(stories_dir, "--api-key", "k", "--max-batch", "16").wait_ready()
+    yield s
+    s.kill()
+
+
+@pytest.mark.timeout(300)
+def test_64_concurrent_clients_get_their_solo_answers(batch_server, alone):
+    port, peak, stop = batch_server.port, [0], threading.Event()
+    assert len(set(alone)) > 30  # distinct enough that a mix-up shows (the tiny model repeats itself)
+
+    def watch():  # how many ran at once (a behaviour: batching happened), read from /metrics
+        while not stop.is_set():
+            peak[0] = max(peak[0], metric(port, "plexus_requests_running"))
+            time.sleep(0.02)
+
+    def one(i):
+        c = client(port, "k")
+        if i % 2:
+            chunks = c.completions.create(model="stories260K", prompt=PROMPTS[i], max_tokens=MAX_TOKENS,
+                                          temperature=0, stream=True)
+            return "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        return c.completions.create(model="stories260K", prompt=PROMPTS[i], max_tokens=MAX_TOKENS,
+                                    temperature=0).choices[0].text
+
+    threading.Thread(target=watch, daemon=True).start()
+    with ThreadPoolExecutor(64) as pool:
+        got = list(pool.map(one, range(64)))
+    stop.set()
+    assert got == alone
+    assert peak[0] > 1, "requests never ran together"
+    assert "batch: up to 16 sequences at once" in batch_server.output
+    assert metric(port, "plexus_requests_running") == 0 and metric(port, "plexus_queue_depth") == 0
+
+
+@pytest.mark.timeout(300)
+def test_cancelling_half_of_32_streams_leaves_the_others_unchanged(batch_server, alone):
+    port = batch_server.port
+
+    def one(i):  # the odd ones ask for far more tokens than they wait for: they cannot finish first
+        c = client(port, "k")
+        chunks = c.completions.create(model="stories260K", prompt=PROMPTS[i], max_tokens=400 if i % 2 else MAX_TOKENS,
+                                      temperature=0, stream=True)
+        text = ""
+        for n, ch in enumerate(chunks):
+            if ch.choices:
+                text += ch.choices[0].text
+            if i % 2 and n == 3:
+                chunks.response.close()  # this client leaves mid-stream
+                return None
+        return text
+
+    cancelled = metric(port, "plexus_requests_cancelled_total")
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(one, range(32)))
+    assert [g for i, g in enumerate(got) if i % 2 == 0] == [alone[i] for i in range(0, 32, 2)]
+    deadline = time.monotonic() + 30
+    while metric(port, "plexus_requests_cancelled_total") - cancelled < 16 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(port, "plexus_requests_cancelled_total") - cancelled == 16
+
+
+@pytest.mark.timeout(300)
+def test_generate_prompts_file_batches_in_input_order(stories_dir, tmp_path, alone):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:20]))
+    r = run_mpi(2, plexus_cmd("generate", "--model", stories_dir, "--prompts-file", f, "--max-tokens", MAX_TOKENS,
+                              "--json", "--max-batch", "8", "-v"), timeout=300)
+    assert r.rc == 0, r.describe()
+    recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [x["prompt"] for x in recs] == PROMPTS[:20]
+    assert [x["text"] for x in recs] == alone[:20]
+    assert "8 sequences" in r.stderr  # the plan's KV cache: 8 slots
+
+
+@torch.inference_mode()
+def test_runner_at_world_size_1_equals_generate(demo_tiny):
+    """Sequences joining while others decode, prompts longer than a chunk: each gets the tokens
+    ``Engine.generate`` gives it alone."""
+    from plexus.engine.batch import BatchRunner
+    from plexus.engine.engine import Engine
+    from plexus.engine.sampling import SamplingParams
+    from plexus.parallel.comm import Communicator
+    from tests.test_batched_steps import PROMPTS as IDS
+
+    engine = Engine.load(demo_tiny, Communicator.self_only(), "float32", max_context=64, max_batch=4)
+    params = SamplingParams(max_tokens=10)
+    want = [list(engine.generate(ids, params)) for ids in IDS]
+    runner, seqs, todo = BatchRunner(engine, None, prefill_chunk=4), [], list(IDS)
+    while todo or runner.running:
+        while todo and runner.room:
+            seqs.append(runner.add(todo.pop(0), params))
+        runner.step()
+    assert [s.result.token_ids for s in seqs] == want
+    assert runner.room == 4
