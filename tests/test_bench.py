@@ -115,16 +115,18 @@ def shadowing_directory(tmp_path: Path) -> Path:
 def test_bench_json_under_mpirun(demo_tiny, world_size, tmp_path):
     """Also: both baselines (child interpreters) start from a directory that holds a plexus/
     folder, with Plexus found through the install alone (no PYTHONPATH)."""
-    extra = ["--vs-one-rank"] if world_size > 1 else []
+    extra = ["--vs-one-rank"] if world_size > 1 else ["--concurrency", "3"]
     result = run_mpi(world_size, plexus_cmd("bench", "--model", demo_tiny, *FAST, "--baseline", "transformers",
                                             *extra, "--json"), timeout=200,
                      cwd=shadowing_directory(tmp_path), env={"PYTHONPATH": ""})
     r = bench_report(result)
     check_report(r, world_size, demo_tiny, baseline=True)
-    if extra:
+    if world_size > 1:
         check_one_rank(r)
     else:
         assert "one_rank" not in r and "decode_vs_one_rank" not in r
+        assert r["concurrency"] == 3 and r["batched_decode_tok_s"] > 0
+        assert r["batched_vs_one_stream"] == r["batched_decode_tok_s"] / r["decode_tok_s"]
     print(f"ws{world_size}: {result.elapsed:.1f}s, decode {r['decode_tok_s']:.0f} tok/s, "
           f"{r['decode_vs_baseline']:.2f}x transformers")
 

@@ -18,6 +18,8 @@ def format_report(r: dict) -> str:
         f"load             {r['load_s']:.2f} s",
         f"time to first    {r['ttft_s'] * 1e3:.1f} ms  (prefill {r['prefill_tok_s']:.1f} tok/s)",
         f"decode           {r['decode_tok_s']:.2f} tok/s",
+        *([f"batched          {r['batched_decode_tok_s']:.2f} tok/s with {r['concurrency']} streams at once "
+           f"({r['batched_vs_one_stream']:.2f}x one stream)"] if r.get("concurrency") else []),
         f"bandwidth        {r['achieved_gbps']:.1f} GB/s of weights achieved / {r['bandwidth_limit_gbps']:.1f} "
         f"GB/s measured = {r['bandwidth_fraction']:.2f}",
     ]

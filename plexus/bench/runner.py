@@ -80,7 +80,8 @@ def prompt_token_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
 # ---- the phases -------------------------------------------------------------------------------
 
 def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, baseline, probe_mib,
-              split="memory", max_memory=None, vs_one_rank=False, quantize=None, quant_group=128) -> dict | None:
+              split="memory", max_memory=None, vs_one_rank=False, quantize=None, quant_group=128,
+              concurrency: int = 1) -> dict | None:
     """Every rank: run the phases; rank 0 returns the report, the others None."""
     from plexus.engine.engine import Engine
     from plexus.engine.runtime import load_progress
@@ -109,12 +110,14 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
             error = str(e)
     comm.agree(error)
 
+    if concurrency > 1 and max_context is None:  # KV slots of the run's length, not the model's
+        max_context = prompt_tokens + new_tokens
     comm.barrier()
     t0 = time.perf_counter()
     with load_progress(rt, model_dir) as progress:
         engine = Engine.load(model_dir, comm, dtype, rt.device, max_context,
                              progress=progress, split=split, max_memory=max_memory, quantize=quantize,
-                             quant_group=quant_group)
+                             quant_group=quant_group, max_batch=concurrency)
     comm.barrier()  # loaded means every rank has its shard
     load_s = time.perf_counter() - t0
     engine.eos_token_ids = frozenset()  # exactly new_tokens steps: the bench never stops at EOS
@@ -144,6 +147,21 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
             times.append(time.perf_counter())
         return t0, times
 
+    def batched():
+        """``concurrency`` sequences (distinct prompts) in one continuous batch: once every prompt
+        is in, the decode tokens of all of them per second."""
+        from plexus.engine.batch import BatchRunner
+
+        runner = BatchRunner(engine, None)
+        seqs = [runner.add(prompt_token_ids(prompt_tokens, engine.config.vocab_size, seed=i + 1),
+                           SamplingParams(max_tokens=new_tokens)) for i in range(concurrency)]
+        while any(s.prefilling for s in seqs):
+            runner.step()
+        made, t0 = sum(len(s.result.token_ids) for s in seqs), time.perf_counter()
+        while runner.running:
+            runner.step()
+        return (sum(len(s.result.token_ids) for s in seqs) - made) / (time.perf_counter() - t0)
+
     dt = engine.model.embed_tokens.dtype
     width = max(1024, engine.config.hidden_size)
     device = engine.device
@@ -164,6 +182,7 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
     result = phase(timed)
     cpu_after = cpu_seconds()
     rss_after = current_rss()
+    batched_tok_s = phase(batched) if concurrency > 1 else None
     peak = max(peak_before, peak_rss())
     device_peak = peak_device_bytes(rt.device)
     if device_peak is not None and device_peak_before is not None:
@@ -233,6 +252,9 @@ def run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, 
         "probe": {"matrix_bytes": ranks[0]["probe"]["matrix_bytes"], "shape": ranks[0]["probe"]["shape"],
                   "kernels_gbps_per_rank": [r["probe"]["kernels"] for r in ranks]},
     }
+    if batched_tok_s is not None:
+        report.update(concurrency=concurrency, batched_decode_tok_s=batched_tok_s,
+                      batched_vs_one_stream=batched_tok_s / decode_tok_s)
     if paired is not None:
         report.update(paired)
     if base is not None:

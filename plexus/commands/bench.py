@@ -26,9 +26,12 @@ from plexus.commands.common import common_engine_options
                    "the whole model as well as its shard.")
 @click.option("--probe-mib", type=click.IntRange(min=1), default=PROBE_MIB, show_default=True,
               help="Size of each rank's bandwidth-probe matrix.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Also decode this many streams at once in one continuous batch, for the aggregate tok/s and its "
+                   "ratio to one stream.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(model, dtype, device, threads, max_context, split, max_memory, verbose, preset, prompt_tokens,
-          new_tokens, baseline, vs_one_rank, probe_mib, as_json, quantize, quant_group):
+          new_tokens, baseline, vs_one_rank, probe_mib, concurrency, as_json, quantize, quant_group):
     """Measure load time, time to first token, prefill and decode speed, memory, and decode's
     fraction of the memory-bandwidth floor (run under mpirun for several ranks). Without --model
     or --preset it benches the 'bench' demo model. See docs/benchmarks.md."""
@@ -39,7 +42,7 @@ def bench(model, dtype, device, threads, max_context, split, max_memory, verbose
     def body():
         rt = state["rt"] = start(device, threads, verbose)
         report = run_bench(rt, model, preset, prompt_tokens, new_tokens, dtype, max_context, baseline, probe_mib,
-                           split, max_memory, vs_one_rank, quantize, quant_group)
+                           split, max_memory, vs_one_rank, quantize, quant_group, concurrency)
         if report is not None:
             click.echo(json.dumps(report) if as_json else format_report(report))
         return 0
