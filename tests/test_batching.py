@@ -134,3 +134,19 @@ def test_runner_at_world_size_1_equals_generate(demo_tiny):
         runner.step()
     assert [s.result.token_ids for s in seqs] == want
     assert runner.room == 4
+
+
+@pytest.mark.timeout(120)
+def test_load_benchmark_runs_against_the_server(batch_server):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    r = subprocess.run([sys.executable, REPO_ROOT / "benchmarks" / "load.py", "--url",
+                        f"http://127.0.0.1:{batch_server.port}/v1", "--api-key", "k", "--model", "stories260K",
+                        "--clients", "6", "--max-tokens", "8", "--json"], capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["answered"] == 6 and got["tokens"] == 6 * 8  # stories260K does not stop within 8 tokens
+    assert got["aggregate_tok_s"] > 0 and got["ttft_p50_s"] > 0 and got["tpot_p50_s"] > 0
