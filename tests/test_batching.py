@@ -95,10 +95,14 @@ def test_cancelling_half_of_32_streams_leaves_the_others_unchanged(batch_server,
     with ThreadPoolExecutor(32) as pool:
         got = list(pool.map(one, range(32)))
     assert [g for i, g in enumerate(got) if i % 2 == 0] == [alone[i] for i in range(0, 32, 2)]
+    # how many of the 16 the server cut short (rather than finished before it saw the client go)
+    # depends on the machine's load: stories260K makes 400 tokens in about a second. That a
+    # disconnect stops generation for certain is test_server_mpi's test_client_disconnect_stops_generation.
     deadline = time.monotonic() + 30
-    while metric(port, "plexus_requests_cancelled_total") - cancelled < 16 and time.monotonic() < deadline:
+    while (metric(port, "plexus_requests_running") or metric(port, "plexus_queue_depth")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert metric(port, "plexus_requests_cancelled_total") - cancelled == 16
+    assert metric(port, "plexus_requests_running") == 0 and metric(port, "plexus_queue_depth") == 0
+    assert metric(port, "plexus_requests_cancelled_total") - cancelled >= 1
 
 
 @pytest.mark.timeout(300)
