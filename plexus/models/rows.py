@@ -33,8 +33,8 @@ class RowStepper:
         self.fused, self.capacity, self._bufs = fused, 0, []
 
     def _scratch(self, n: int, threads: int):
-        if n > self.capacity or threads * self.fused._sizes[4] > self._bufs[-1].numel() if self._bufs else True:
-            h, qkv, attn, gate_up, ctx = self.fused._sizes
+        h, qkv, attn, gate_up, ctx = self.fused._sizes
+        if not self._bufs or n > self.capacity or threads * ctx > self._bufs[-1].numel():
             self.capacity = max(n, self.capacity)
             self._bufs = [torch.empty(self.capacity * w) for w in (h, h, h, qkv, attn, gate_up)]
             self._bufs.append(torch.empty(threads * ctx))

@@ -45,6 +45,7 @@ class Job:
         self.started: float | None = None
         self.last_token: float | None = None
         self.seq = None  # its place in the batch, once admitted
+        self.tokens_seen = 0  # generated tokens counted for the TPOT histogram
         self._lock = threading.Lock()
         self._finished = False
 
@@ -239,8 +240,8 @@ class Scheduler:
         for seq in [*runner.running, *done]:
             job = seq.tag
             n = len(seq.result.token_ids)
-            if n and n != getattr(job, "_seen", 0):
-                job._seen = n
+            if n != job.tokens_seen:
+                job.tokens_seen = n
                 if job.last_token is not None:
                     self.metrics.tpot.observe(now - job.last_token)
                 job.last_token = now
