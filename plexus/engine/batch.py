@@ -21,7 +21,7 @@ from plexus.engine.engine import Completion
 from plexus.engine.sampling import Sampler, SamplingParams
 from plexus.engine.tokenizer import IncrementalDecoder
 
-PREFILL_CHUNK = 32  # prompt tokens per chunk: a step with one costs about two plain decode steps (docs/benchmarks.md)
+PREFILL_CHUNK = 32  # prompt tokens per chunk: bounds what a joining prompt adds to a step (a guess, not yet measured)
 IDLE_CHUNKS = 16  # chunks a step may run when no sequence is decoding (nothing waits on the step)
 
 

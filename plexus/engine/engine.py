@@ -3,14 +3,15 @@
 Rank 0 broadcasts each unit of work (a prompt's ids) to the other ranks, which wait in
 ``worker_loop``. During generation rank 0 samples each token from the gathered logits and
 broadcasts it with a continue/stop flag, so all ranks feed the same token and stop together.
+A batch (engine/batch.py, for serve and generate) is one broadcast per step instead: the prompt
+chunks and decode rows every rank runs (``batch_step``).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -200,42 +201,6 @@ class Engine:
         if self.comm.size > 1:
             self._ctrl[0], self._ctrl[1] = token, go
             self.comm.bcast_(self._ctrl)
-
-    def complete(self, tokenizer, prompt_ids: list[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None,
-                 cancelled: Callable[[], bool] = lambda: False) -> Completion:
-        """Generate and detokenize one completion on rank 0, honouring stop strings; ``on_text``
-        receives each stable piece of new text (for streaming)."""
-        from plexus.engine.tokenizer import IncrementalDecoder
-
-        decoder = IncrementalDecoder(tokenizer, params.stop)
-        result = Completion(list(prompt_ids))
-        t0 = time.perf_counter()
-        tokens = self.generate(prompt_ids, params)
-        try:
-            for token in tokens:
-                if result.ttft_s is None:
-                    result.ttft_s = time.perf_counter() - t0
-                result.token_ids.append(token)
-                if token in self.eos_token_ids:
-                    result.finish_reason = "stop"
-                    break
-                delta = decoder.add(token)
-                if delta and on_text:
-                    on_text(delta)
-                if decoder.stopped:
-                    result.finish_reason = "stop"
-                    break
-                if cancelled():
-                    result.finish_reason = "cancelled"
-                    break
-        finally:
-            tokens.close()
-        tail = decoder.finish()
-        if tail and on_text:
-            on_text(tail)
-        result.text = decoder.text
-        return result
 
     def score(self, ids: list[int]) -> tuple[float, int]:
         """Rank 0: one window scored from position 0 (the KV cache is overwritten): the float64

@@ -44,7 +44,6 @@ class Job:
         self.submitted = time.monotonic()
         self.started: float | None = None
         self.last_token: float | None = None
-        self.seq = None  # its place in the batch, once admitted
         self.tokens_seen = 0  # generated tokens counted for the TPOT histogram
         self._lock = threading.Lock()
         self._finished = False
@@ -225,7 +224,7 @@ class Scheduler:
             if job is None:
                 return
             try:
-                job.seq = runner.add(job.prompt_ids, job.params, on_text=job.put_text if job.stream else None,
+                runner.add(job.prompt_ids, job.params, on_text=job.put_text if job.stream else None,
                                      cancelled=lambda job=job: job.gone() or self._past_deadline()
                                      or self.state == FAILED, tag=job)
             except PlexusError as e:  # the request, not the mesh (nothing was broadcast)
