@@ -77,7 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         decoders = {"working tree": model.fused}
         if args.rev == "torch":  # the model's own layers, as without the kernel
-            def torch_ops(token, pos, reuse):
+            def torch_ops(token, pos, table, reuse):
                 model.fused = None
                 model(torch.tensor([[token]]), pos)
                 model.fused = decoders["working tree"]
@@ -96,7 +96,7 @@ def main() -> None:
                 for k in order:
                     d, t0 = decoders[k], time.perf_counter()
                     for s in range(args.steps):
-                        d(7, args.prompt_tokens + s, reuse=True)
+                        d(7, args.prompt_tokens + s, model.solo_table, reuse=True)
                     times[k].append((time.perf_counter() - t0) / args.steps)
     new, ref = times["working tree"], times[args.rev]
     ratios = sorted(b / a for a, b in zip(new, ref))

@@ -50,7 +50,7 @@ def warm_up(model_dir: str) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.rand(p.shape))
-    model.allocate_cache(1)
+    model.allocate_cache()
     with torch.inference_mode():
         model(torch.tensor([[1, 2]]), 0)
 

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,7 +116,8 @@ def test_generate_prompts_file_batches_in_input_order(stories_dir, tmp_path, alo
     recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert [x["prompt"] for x in recs] == PROMPTS[:20]
     assert [x["text"] for x in recs] == alone[:20]
-    assert "8 sequences" in r.stderr  # the plan's KV cache: 8 slots
+    ctx = json.loads((Path(stories_dir) / "config.json").read_text())["max_position_embeddings"]
+    assert f"KV cache for {8 * ctx:,} tokens" in r.stderr  # the plan's KV cache: 8 contexts' worth
 
 
 @torch.inference_mode()
@@ -131,13 +133,32 @@ def test_runner_at_world_size_1_equals_generate(demo_tiny):
     engine = Engine.load(demo_tiny, Communicator.self_only(), "float32", max_context=64, max_batch=4)
     params = SamplingParams(max_tokens=10)
     want = [list(engine.generate(ids, params)) for ids in IDS]
-    runner, seqs, todo = BatchRunner(engine, None, prefill_chunk=4), [], list(IDS)
+    runner, seqs, todo = BatchRunner(engine, None, prefill_chunk=16), [], list(IDS)
     while todo or runner.running:
-        while todo and runner.room:
-            seqs.append(runner.add(todo.pop(0), params))
+        while todo and runner.room and (seq := runner.add(todo[0], params)) is not None:
+            seqs.append(seq)
+            todo.pop(0)
         runner.step()
     assert [s.result.token_ids for s in seqs] == want
     assert runner.room == 4
+
+
+@pytest.mark.timeout(300)
+def test_a_second_turn_starts_from_the_first_turns_blocks(batch_server, stories_dir, tmp_path):
+    """A client sends the conversation again with the answer and more appended: the server finds
+    the first prompt's whole chunks in the prefix cache (at world size 2), and the answer is the
+    one the same prompt gets cold (`plexus generate` in a fresh job)."""
+    port = batch_server.port
+    c = client(port, "k")
+    first = ". ".join(PROMPTS[:12]) + "."  # about 100 tokens: three whole chunks of 32
+    answer = c.completions.create(model="stories260K", prompt=first, max_tokens=MAX_TOKENS,
+                                  temperature=0).choices[0].text
+    hits = metric(port, "plexus_prefix_cache_hit_tokens_total")
+    second = first + answer + " Then " + PROMPTS[40] + "."
+    got = c.completions.create(model="stories260K", prompt=second, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+    assert metric(port, "plexus_prefix_cache_hit_tokens_total") - hits >= 64
+    assert got == solo(stories_dir, tmp_path, [second])[0]
+    assert metric(port, "plexus_kv_blocks_used") == 0 and metric(port, "plexus_kv_blocks_cached") > 0
 
 
 @pytest.mark.timeout(120)

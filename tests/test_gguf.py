@@ -517,7 +517,7 @@ def test_model_logits_match_transformers(tmp_path, kind, qtype):
             if hasattr(module, "load"):
                 module.load(reader)
     m.eval()
-    m.allocate_cache(1)
+    m.allocate_cache()
     if qtype != Q.F16:  # the table stays quantized (rows dequantized on lookup), the tied head shares it
         assert m.embed_tokens.weight is None and m.embed_tokens.qweight is not None
         assert m.lm_head.qweight is not None and (m.lm_head.qweight is m.embed_tokens.qweight) == (kind == "qwen2")

@@ -57,6 +57,11 @@ def test_kernel_builds_and_is_cached(tmp_path, monkeypatch):
 
 
 @torch.inference_mode()
+def cached_keys(model, n: int) -> torch.Tensor:
+    """The last layer's cached keys at positions 0 .. n-1 of the solo sequence: (kv heads, n, head_dim)."""
+    return model.layers[-1].self_attn.cache.read(model.solo_table, 0, n)[0][0]
+
+
 @pytest.mark.parametrize("build", ["native", "without AVX2"])
 def test_fused_steps_equal_torch_steps(stories_engine, build, tmp_path, monkeypatch):
     """40 one-token steps through the kernel and through the model's torch layers, from the
@@ -81,7 +86,7 @@ def test_fused_steps_equal_torch_steps(stories_engine, build, tmp_path, monkeypa
         logits = [model(prompt, 0)]
         for pos in range(prompt.shape[1], prompt.shape[1] + 40):
             logits.append(model(logits[-1][:, -1:].argmax(-1), pos))
-        cache = model.layers[-1].self_attn.k_cache[0, :, :prompt.shape[1] + 40].clone()
+        cache = cached_keys(model, prompt.shape[1] + 40).clone()
         runs[mode] = torch.cat(logits, 1), cache
     model.fused = fused
     (a, ka), (b, kb) = runs["fused"], runs["torch"]
@@ -124,7 +129,7 @@ def test_16_bit_steps_match_transformers(stories_dir, dtype, build, tmp_path, mo
             steps = [model(torch.tensor([prompt]), 0)[0, -1]]
             for pos in range(len(prompt), len(ids) - 1):
                 steps.append(model(torch.tensor([[ids[pos]]]), pos)[0, -1])
-            runs[mode] = torch.stack(steps), model.layers[-1].self_attn.k_cache[0, :, :len(ids) - 1].float().clone()
+            runs[mode] = torch.stack(steps), cached_keys(model, len(ids) - 1).float().clone()
         model.fused = fused
     want = hf_sequence_logits(stories_dir, ids[:-1])[len(prompt) - 1:]
     theirs = (hf_sequence_logits(stories_dir, ids[:-1], dtype)[len(prompt) - 1:] - want).abs().max().item()

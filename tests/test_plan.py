@@ -128,8 +128,8 @@ def test_sizes_agree_with_transformers_parameter_count(kind, tied, heads, kv):
 
 def test_kv_cache_elements():
     cfg = config(heads=8, kv=4, hidden=64, layers=5)
-    for n, batch, ctx in itertools.product((1, 2, 4, 8), (1, 3), (16, 512)):
+    for n, tokens in itertools.product((1, 2, 4, 8), (16, 48, 512)):
         plan = ShardPlan.even(cfg, n)
         for r in range(n):
-            want = 2 * 5 * batch * plan[r].num_kv_heads * ctx * 8
-            assert plan.kv_cache_elements(r, ctx, batch) == want
+            want = 2 * 5 * plan[r].num_kv_heads * tokens * 8
+            assert plan.kv_cache_elements(r, tokens) == want

@@ -156,11 +156,11 @@ def test_plan_sizes_match_the_built_shards(cfg, weights):
     total = 0
     for r in range(len(weights)):
         model = CausalLM(config, plan, _FakeComm(r, len(weights)), 16, torch.float32, "meta")
-        model.allocate_cache(max_batch=2)
+        model.allocate_cache(blocks=2)  # 32 tokens of KV cache
         params = {id(p): p.numel() for p in model.parameters()}  # a tied head counted once
         assert sum(params.values()) == plan.weight_elements(r)
-        cache = sum(layer.self_attn.k_cache.numel() + layer.self_attn.v_cache.numel() for layer in model.layers)
-        assert cache == plan.kv_cache_elements(r, 16, 2)
+        cache = sum(layer.self_attn.cache.k.numel() + layer.self_attn.cache.v.numel() for layer in model.layers)
+        assert cache == plan.kv_cache_elements(r, 32)
         total += plan.weight_elements(r)
     # every weight held once, plus the replicated norms (and KV heads when copied)
     assert total >= config.num_parameters()
@@ -353,3 +353,43 @@ def test_make_plan_matches_engine_default_context(tmp_path):
     d = write_config(tmp_path / "8b", LLAMA_31_8B)
     pool, info = make_plan(str(d), ranks="2")
     assert info is None and pool.max_context == DEFAULT_MAX_CONTEXT and pool.dtype == "bfloat16"
+
+
+def test_the_kv_cache_is_counted_in_tokens_and_fitted_to_the_budget():
+    """The pool is --kv-tokens (whole blocks of 16) or max_context x max_batch; fit_kv lowers the
+    default to what each rank's budget holds beside its weights, never below one context, and
+    kv_room says how many tokens that is."""
+    cfg = _small_config()  # 4 layers, 4 KV heads of 32: 2 x 4 x 4 x 32 x 4 bytes = 4 KiB a token in float32
+    per_token = 2 * 4 * 4 * 32 * 4
+    weights = cfg.num_parameters() * 4
+    pool = PoolPlan.build(cfg, 1, "float32", 128, 4, "memory", [None])
+    assert pool.kv_tokens == 512 and pool.kv_blocks == 32 and pool.kv_cache_bytes(0) == 512 * per_token
+    assert PoolPlan.build(cfg, 1, "float32", 128, 4, kv_tokens=100).kv_tokens == 112  # 7 blocks
+    assert pool.kv_room() is None and pool.fit_kv() is pool
+    budget = weights + 300 * per_token
+    fitted = PoolPlan.build(cfg, 1, "float32", 128, 4, "memory", [budget]).fit_kv()
+    assert fitted.kv_room() == 288 and fitted.kv_tokens == 288 and fitted.fits  # 18 blocks: 300 tokens' worth, whole
+    assert fitted.max_batch == 4  # the batch's places stay; long requests share the tokens
+    roomy = PoolPlan.build(cfg, 1, "float32", 128, 4, "memory", [weights + 10**4 * per_token]).fit_kv()
+    assert roomy.kv_tokens == 512  # never raised
+    tight = PoolPlan.build(cfg, 1, "float32", 128, 4, "memory", [weights + 140 * per_token]).fit_kv()
+    assert tight.kv_tokens == 128 and tight.fits is True  # one context's worth...
+    tight = PoolPlan.build(cfg, 1, "float32", 128, 4, "memory", [weights + 100 * per_token]).fit_kv()
+    assert tight.kv_tokens == 128 and tight.fits is False and "for 128 tokens" in tight.failure()  # ...not less
+    assert fitted.to_json()["kv_tokens"] == 288 and fitted.to_json()["kv_tokens_that_fit"] == 288
+
+
+def test_plan_shows_the_kv_cache_in_tokens(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 256,
+                                               "intermediate_size": 1024, "num_hidden_layers": 4,
+                                               "num_attention_heads": 8, "num_key_value_heads": 4,
+                                               "vocab_size": 1000, "max_position_embeddings": 1024}))
+    res = run_plan("--model", str(d), "--ranks", "2x64MiB", "--kv-tokens", "5000", "--dtype", "float32")
+    assert res.exit_code == 0, res.output
+    assert "KV cache for 5,008 tokens (313 blocks of 16; 4.89 x the 1024-token context)" in res.output
+    per_rank_token = 2 * 4 * 2 * 32 * 4  # two of the four KV heads per rank
+    weights = max(ShardPlan.build(ModelConfig.from_dir(d), [1, 1]).weight_bytes(r, 4) for r in range(2))
+    room = (64 * 2**20 - weights) // per_rank_token // 16 * 16
+    assert f"the budgets hold up to {room:,} tokens of it beside the weights" in res.output

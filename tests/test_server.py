@@ -19,7 +19,10 @@ import pytest
 
 import torch
 
+from plexus.engine.engine import check_request
+from plexus.engine.kv import BlockPool
 from plexus.errors import PlexusError
+from plexus.parallel.sizes import KV_BLOCK
 from plexus.serve.app import create_app
 from plexus.serve.http import HttpServer
 from plexus.serve.openai_api import APIError, parse_chat, parse_completion, parse_json
@@ -61,23 +64,31 @@ MPIError.__module__ = "mpi4py.MPI"
 
 class FakeEngine:
     """Engine's batch interface (engine/batch.py drives it) over fake steps: each row's logits
-    pick the next token of ``expected``; a step sleeps ``delay`` and hangs while ``block`` is set."""
+    pick the next token of ``expected``; a step sleeps ``delay`` and hangs while ``block`` is set.
+    Its KV cache holds the tokens themselves, in the blocks the runner names, so a sequence's
+    prompt is what its blocks hold (a reused prefix included)."""
     max_context = 256
     vocab_size = 0x110000
     eos_token_ids = frozenset({EOS})
 
-    def __init__(self, delay=0.0, max_batch=8):
+    def __init__(self, delay=0.0, max_batch=8, kv_blocks=None):
         self.delay, self.max_batch = delay, max_batch
+        self.kv = BlockPool(kv_blocks or max_batch * self.max_context // KV_BLOCK)
+        self.kv_tokens = self.kv.blocks * KV_BLOCK
+        self.tables: dict[int, list[int]] = {}
+        self.cells: dict[tuple[int, int], int] = {}  # (block, row) -> the token at that position
         self.block = threading.Event()  # set: the next step hangs like a collective with a dead rank
         self.raise_next: Exception | None = None
         self.tokens_made = 0
         self.pings = 0
         self.shutdowns = []
         self.started = threading.Event()
-        self.prompts: dict[int, list[int]] = {}  # slot -> its prompt
+        self.prompts: dict[int, list[int]] = {}  # sequence id -> its prompt
         self.most_rows = 0  # the largest batch a step ran
+        self.most_sequences = 0  # the most sequences holding blocks at once
 
     def check_request(self, ids, max_tokens):
+        check_request(ids, max_tokens, self.max_context, self.vocab_size, self.kv_tokens)
         if not ids:
             raise PlexusError("the prompt is empty (no tokens)")
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
@@ -88,7 +99,7 @@ class FakeEngine:
         pass
 
     def end_batch(self):
-        pass
+        self.tables.clear()
 
     @staticmethod
     def _logits(token):
@@ -101,8 +112,20 @@ class FakeEngine:
         out = expected(self.prompts[slot], 10**6)
         return out[n] if n < len(out) else EOS
 
-    def batch_step(self, prefill, rows):
+    def _put(self, sid, pos, token):
+        table = self.tables[sid]
+        self.cells[(table[pos // KV_BLOCK], pos % KV_BLOCK)] = token
+
+    def _held(self, sid, end):
+        table = self.tables[sid]
+        return [self.cells[(table[p // KV_BLOCK], p % KV_BLOCK)] for p in range(end)]
+
+    def batch_step(self, prefill, rows, grow=(), drop=()):
         self.started.set()
+        for sid in drop:
+            del self.tables[sid]
+        for sid, blocks in grow:
+            self.tables.setdefault(sid, []).extend(blocks)
         if self.raise_next:
             err, self.raise_next = self.raise_next, None
             raise err
@@ -110,9 +133,14 @@ class FakeEngine:
             time.sleep(0.01)
         time.sleep(self.delay)
         chunks = []
-        for slot, start, ids in prefill:
-            self.prompts[slot] = (self.prompts[slot] if start else []) + list(ids)
-            chunks.append(self._logits(self._next(slot, 0)))
+        for sid, start, ids in prefill:
+            for i, t in enumerate(ids):
+                self._put(sid, start + i, t)
+            self.prompts[sid] = self._held(sid, start + len(ids))
+            chunks.append(self._logits(self._next(sid, 0)))
+        for token, sid, pos in rows:
+            self._put(sid, pos, token)
+        self.most_sequences = max(self.most_sequences, len(self.tables))
         self.most_rows = max(self.most_rows, len(rows))
         self.tokens_made += len(prefill) + len(rows)
         logits = [self._logits(self._next(slot, pos - len(self.prompts[slot]) + 1)) for _, slot, pos in rows]
@@ -453,6 +481,8 @@ def test_client_gone_stops_generation(stack):
     resp.get_data()
     assert engine.tokens_made < 10
     assert _metric(client, "plexus_requests_cancelled_total") == 1
+    assert _metric(client, "plexus_kv_blocks_used") == 0  # its blocks are back (its prompt's whole chunks cached)
+    assert _metric(client, "plexus_kv_blocks_cached") == 2  # tokens 0-31 (51 in the prompt, chunks of 32)
 
 
 def test_stop_now_answers_everyone_503(stack):

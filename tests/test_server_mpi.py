@@ -436,16 +436,24 @@ def test_signal_to_mpirun_every_rank_exits_0(slow_model, tmp_path, sig):
         s.kill()
 
 
+STREAMS = 16  # a full batch (--max-batch's default) of streams in flight, then PLAIN waiting behind them
+PLAIN = 4
+
+
 def _kill_worker_mid_flight(s: Serve):
-    """Queue one streaming and four plain long requests, SIGKILL rank 1 while the first runs."""
+    """Start STREAMS long streaming requests (the batch) and PLAIN plain ones (queued behind
+    them), SIGKILL rank 1 while every stream is generating."""
     s.wait_ready()
     out, threads = {}, []
-    for i in range(5):
+    for i in range(STREAMS + PLAIN):
         threads.append(threading.Thread(target=_long_request, args=(s.port, out, i),
-                                        kwargs=dict(stream=i == 0, max_tokens=2000)))
+                                        kwargs=dict(stream=i < STREAMS, max_tokens=2000, prompt=f"Story {i}:")))
         threads[-1].start()
-        time.sleep(0.15 if i == 0 else 0.02)
-    time.sleep(0.3)
+        time.sleep(0.02)
+    deadline = time.monotonic() + 30
+    while metric(s.port, "plexus_generation_tokens_total") < 4 * STREAMS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(s.port, "plexus_requests_running") == STREAMS and metric(s.port, "plexus_queue_depth") == PLAIN
     s.ranks()[1].kill()
     t0 = time.monotonic()
     for t in threads:
@@ -463,8 +471,9 @@ def test_worker_death_under_ulfm_gives_503_and_nonzero_exit(slow_model):
         health = call(s.port, "GET", "/health")
         rc = s.wait(15)
         assert answered < 5, out
-        assert out[0][:2] == ("error", "stream") and out[0][2]["code"] == "mesh_failed", out[0]
-        for i in range(1, 5):
+        for i in range(STREAMS):  # every stream in flight ends with an error event
+            assert out[i][:2] == ("error", "stream") and out[i][2]["code"] == "mesh_failed", out[i]
+        for i in range(STREAMS, STREAMS + PLAIN):
             assert out[i][:2] == ("error", 503) and out[i][2]["code"] == "mesh_failed", out[i]
         assert status == 503 and body["error"]["code"] == "mesh_failed", body
         assert health[0] == 503 and health[1]["status"] == "failed", health
@@ -483,10 +492,10 @@ def test_worker_death_under_plain_mpirun_gives_503_and_nonzero_exit(slow_model):
         out, t0 = _kill_worker_mid_flight(s)
         rc = s.wait(15)
         assert rc != 0 and time.monotonic() - t0 < 10, s.output
-        assert out[0][0] in ("error", "conn"), out[0]  # the started stream: an error event, or cut off
-        answered = [out[i][:2] == ("error", 503) for i in range(1, 5)]
-        assert all(a or out[i + 1][0] == "conn" for i, a in enumerate(answered)), out  # never a 200 or a hang
-        assert any(answered), out
+        assert all(out[i][0] in ("error", "conn") for i in range(STREAMS)), out  # an error event, or cut off
+        answered = [out[i][:2] == ("error", 503) for i in range(STREAMS, STREAMS + PLAIN)]
+        assert all(a or out[STREAMS + i][0] == "conn" for i, a in enumerate(answered)), out  # never a 200 or a hang
+        assert any(answered) or any(out[i][0] == "error" for i in range(STREAMS)), out
     finally:
         s.kill()
 

@@ -66,7 +66,7 @@ def check_output_path(output: str | None) -> None:
 
 def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output,
                  split="memory", max_memory=None, quantize=None, quant_group=128, tokenizer_dir=None,
-                 max_batch: int = 16) -> int:
+                 max_batch: int = 16, kv_tokens: int | None = None) -> int:
     from plexus.engine.engine import Engine, check_prompts
     from plexus.engine.runtime import load_progress, log_rank_table, resolve_model_dir
     from plexus.engine.tokenizer import load_tokenizer
@@ -81,17 +81,17 @@ def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_conte
             config = load_config(model_dir)
             tokenizer = load_tokenizer(model_dir, tokenizer_dir, config.vocab_size)
             requests = read_requests(tokenizer, prompt, prompts_file, chat)
-            check_prompts([r["ids"] for r in requests], params.max_tokens, config, max_context)
+            check_prompts([r["ids"] for r in requests], params.max_tokens, config, max_context, kv_tokens)
     except PlexusError as e:
         error = str(e)
     comm.agree(error)
-    batch = min(max_batch, comm.bcast_obj(len(requests) if comm.rank == 0 else None))  # KV slots: the same on every rank
+    batch = min(max_batch, comm.bcast_obj(len(requests) if comm.rank == 0 else None))  # the same on every rank
 
     with load_progress(rt, model_dir) as progress:
         engine = Engine.load(model_dir, comm, dtype, rt.device, max_context,
                              eos_token_ids=tokenizer.eos_token_ids if tokenizer else frozenset(), progress=progress,
                              split=split, max_memory=max_memory, quantize=quantize, quant_group=quant_group,
-                             max_batch=batch, fit_batch=True)
+                             max_batch=batch, kv_tokens=kv_tokens)
     log_rank_table(rt, engine)
     if comm.rank != 0:
         engine.worker_loop()
@@ -107,9 +107,10 @@ def run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_conte
 
 
 def _run_requests(engine, tokenizer, requests, params, as_json, output) -> None:
-    """Rank 0: run the prompts (checked before loading) batched (engine/batch.py: up to the
-    engine's KV-cache slots at once), streaming plain text for one prompt, otherwise writing each
-    completion in the input's order as soon as it and those before it are done."""
+    """Rank 0: run the prompts (checked before loading) batched (engine/batch.py: up to
+    --max-batch at once, as many as the KV cache holds), streaming plain text for one prompt,
+    otherwise writing each completion in the input's order as soon as it and those before it are
+    done."""
     from plexus.engine.batch import BatchRunner
 
     stream = not as_json and not output and len(requests) == 1
@@ -119,8 +120,10 @@ def _run_requests(engine, tokenizer, requests, params, as_json, output) -> None:
     try:
         while todo or runner.running:
             while todo and runner.room:
-                n, req = todo.pop()
-                runner.add(req["ids"], params, on_text=on_text, tag=n)
+                n, req = todo[-1]
+                if runner.add(req["ids"], params, on_text=on_text, tag=n) is None:
+                    break  # the KV cache is promised to those running: after a step
+                todo.pop()
             for seq in runner.step():
                 results[seq.tag] = seq.result
             while written in results:
@@ -161,11 +164,14 @@ def _write(sink, req, result, as_record, stream) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
 @click.option("--output", default=None, help="Write JSON lines to this file instead of stdout.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Prompts of --prompts-file generated at once (fewer if the memory holds fewer KV caches).")
+              help="Prompts of --prompts-file generated at once (fewer while the KV cache holds fewer).")
+@click.option("--kv-tokens", type=click.IntRange(min=1), default=None,
+              help="Tokens of KV cache, shared by the batch (default: max-context x max-batch, or what the "
+                   "memory holds beside the weights).")
 @tokenizer_option
 def generate(model, dtype, device, threads, max_context, split, max_memory, verbose, prompt, prompts_file, chat,
-             max_tokens, temperature, top_p, top_k, seed, stop, as_json, output, max_batch, quantize, quant_group,
-             tokenizer_dir):
+             max_tokens, temperature, top_p, top_k, seed, stop, as_json, output, max_batch, kv_tokens, quantize,
+             quant_group, tokenizer_dir):
     """Generate text from a prompt or a JSONL file of prompts (run under mpirun)."""
     from plexus.engine.runtime import run_guarded, start
     from plexus.engine.sampling import SamplingParams
@@ -176,6 +182,6 @@ def generate(model, dtype, device, threads, max_context, split, max_memory, verb
         rt = state["rt"] = start(device, threads, verbose)
         params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop))
         return run_generate(rt, model, prompt, prompts_file, chat, params, dtype, max_context, as_json, output,
-                            split, max_memory, quantize, quant_group, tokenizer_dir, max_batch)
+                            split, max_memory, quantize, quant_group, tokenizer_dir, max_batch, kv_tokens)
 
     run_guarded(body, lambda: state["rt"].comm if "rt" in state else None)

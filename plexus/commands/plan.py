@@ -179,7 +179,7 @@ def _plan_ranks(ranks, hostfile, config_file, max_memory) -> list[tuple[str, int
 def make_plan(model: str, ranks: str | None = None, hostfile: str | None = None, config_file: str | None = None,
               max_memory: str | None = None, split: str = "memory", max_context: int | None = None,
               max_batch: int = 1, dtype: str | None = None, quantize: str | None = None,
-              quant_group: int = 128) -> tuple[PoolPlan, CheckpointInfo | None]:
+              quant_group: int = 128, kv_tokens: int | None = None) -> tuple[PoolPlan, CheckpointInfo | None]:
     """The plan ``plexus plan`` prints: from config.json and safetensors headers only."""
     from plexus.checkpoint.gguf import gguf_config
     from plexus.engine.engine import context_length, quant_layout
@@ -212,7 +212,7 @@ def make_plan(model: str, ranks: str | None = None, hostfile: str | None = None,
     rank_list = _plan_ranks(ranks, hostfile, config_file, max_memory)
     budgets = [b for _, b in rank_list]
     pool = PoolPlan.build(config, len(rank_list), name, ctx, max_batch, split, budgets, "budget",
-                          [label for label, _ in rank_list], layout)
+                          [label for label, _ in rank_list], layout, kv_tokens)
     return pool, info
 
 
@@ -230,7 +230,9 @@ def make_plan(model: str, ranks: str | None = None, hostfile: str | None = None,
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
               help="Tokens of KV cache per sequence (default: min(model's, 4096)).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Sequences of KV cache.")
+              help="Sequences at once: the KV cache is max-context x max-batch tokens unless --kv-tokens says.")
+@click.option("--kv-tokens", type=click.IntRange(min=1), default=None,
+              help="Tokens of KV cache (shared by all sequences, in blocks of 16).")
 @click.option("--dtype", type=click.Choice(list(DTYPE_BYTES)), default=None,
               help="Compute dtype (default: config.json's, else the checkpoint's).")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
@@ -239,14 +241,14 @@ def make_plan(model: str, ranks: str | None = None, hostfile: str | None = None,
 @click.option("--quant-group", type=click.IntRange(min=16), default=128, show_default=True,
               help="Input columns per quantization group for --quantize.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(model, ranks, hostfile, config_file, max_memory, split, max_context, max_batch, dtype, as_json, quantize,
-         quant_group):
+def plan(model, ranks, hostfile, config_file, max_memory, split, max_context, max_batch, kv_tokens, dtype, as_json,
+         quantize, quant_group):
     """Show how a model would be split over a pool of devices, and whether it fits (no MPI, no weights read)."""
     from plexus.engine.runtime import run_guarded
 
     def body():
         pool, info = make_plan(model, ranks, hostfile, config_file, max_memory, split, max_context, max_batch, dtype,
-                               quantize, quant_group)
+                               quantize, quant_group, kv_tokens)
         if as_json:
             out = pool.to_json()
             out["model"] = model

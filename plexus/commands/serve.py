@@ -18,13 +18,19 @@ from plexus.serve.app import DEFAULT_MAX_BODY
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=DEFAULT_MAX_BODY, show_default=True,
               help="Larger request bodies get 413.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Sequences generated at once (continuous batching); fewer if the memory holds fewer KV caches.")
+              help="Sequences generated at once (continuous batching), as many as the KV cache holds.")
+@click.option("--kv-tokens", type=click.IntRange(min=1), default=None,
+              help="Tokens of KV cache, shared by all sequences in blocks of 16 (default: max-context x max-batch, "
+                   "or what the memory holds beside the weights).")
+@click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+              help="Keep prompts' KV blocks for later requests that start with the same tokens.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests that may wait for a place in the batch; past them, 429 with Retry-After.")
 @click.option("--queue-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Seconds a request may wait for a place in the batch; then 503.")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Prompt tokens a step adds while other requests stream (bounds their slow-down).")
+              help="Prompt tokens a step adds while other requests stream (bounds their slow-down); a multiple "
+                   "of 16.")
 @click.option("--http-threads", type=click.IntRange(min=8), default=None,
               help="HTTP worker threads; each running or waiting request holds one, 4 stay free for /health "
                    "(default and least: max-batch + max-queue + 4).")
@@ -35,12 +41,14 @@ from plexus.serve.app import DEFAULT_MAX_BODY
               help="Declare the mesh dead when a step makes no progress this long (0: never).")
 @tokenizer_option
 def serve(model, dtype, device, threads, max_context, split, max_memory, verbose, host, port, api_key,
-          served_model_name, max_body_bytes, max_batch, max_queue, queue_timeout, prefill_chunk, http_threads,
-          drain_timeout, stall_timeout, quantize, quant_group, tokenizer_dir):
+          served_model_name, max_body_bytes, max_batch, kv_tokens, prefix_cache, max_queue, queue_timeout,
+          prefill_chunk, http_threads, drain_timeout, stall_timeout, quantize, quant_group, tokenizer_dir):
     """Serve an OpenAI-compatible HTTP API from rank 0 (run under mpirun; see docs/api.md)."""
     from plexus.engine.runtime import run_guarded, start
     from plexus.serve.lifecycle import ServeOptions, run_serve
 
+    if prefill_chunk % 16:
+        raise click.UsageError(f"--prefill-chunk {prefill_chunk} is not a multiple of 16 (the KV cache's block)")
     least = max_batch + max_queue + 4
     if http_threads is not None and http_threads < least:
         raise click.UsageError(f"--http-threads {http_threads} is fewer than --max-batch + --max-queue + 4 = {least} "
@@ -51,7 +59,8 @@ def serve(model, dtype, device, threads, max_context, split, max_memory, verbose
                         max_body_bytes=max_body_bytes, http_threads=http_threads or least, drain_timeout=drain_timeout,
                         stall_timeout=stall_timeout, quantize=quantize, quant_group=quant_group,
                         tokenizer=tokenizer_dir, max_batch=max_batch, max_queue=max_queue,
-                        queue_timeout=queue_timeout, prefill_chunk=prefill_chunk)
+                        queue_timeout=queue_timeout, prefill_chunk=prefill_chunk, kv_tokens=kv_tokens,
+                        prefix_cache=prefix_cache)
     state = {}
 
     def body():

@@ -46,7 +46,8 @@ class _Layer(ctypes.Structure):  # struct Layer in decode.c, field for field
     _fields_ = [(n, ctypes.c_void_p) for n in ("input_norm", "qkv_bias", "post_norm")] + [
         (n, _Mat) for n in ("qkv", "o", "gate_up", "down")] + [
         (n, ctypes.c_void_p) for n in ("k_cache", "v_cache", "kv_of_q")] + [(n, ctypes.c_long) for n in (
-            "num_heads", "num_kv_heads", "head_dim", "hidden", "intermediate", "max_context", "window")] + [
+            "num_heads", "num_kv_heads", "head_dim", "hidden", "intermediate", "max_context", "window",
+            "kv_blocks")] + [
         ("eps", ctypes.c_float), ("o_tail", _Mat), ("down_tail", _Mat)] + [
         (n, ctypes.c_long) for n in ("tail_rows", "o_tail_cols", "down_tail_cols")]
 
@@ -108,7 +109,7 @@ def _tail_mat(layout: tuple, at: int) -> _Mat:
 
 
 class _Row(ctypes.Structure):  # struct Row in csrc/rows.h: one sequence of a batched step
-    _fields_ = [(n, ctypes.c_long) for n in ("token", "slot", "pos")]
+    _fields_ = [("token", ctypes.c_long), ("pos", ctypes.c_long), ("table", ctypes.c_void_p)]
 
 
 class _RowScratch(ctypes.Structure):  # struct RowScratch in csrc/rows.h

@@ -39,6 +39,7 @@ from plexus.parallel.sizes import format_size
 from plexus.models.cstructs import (_OFF, _Ends, _Layer, _Scratch, _layout_bytes, _mat, _tail_layout,
                                     _tail_mat, _tail_pieces, int8_activations)
 from plexus.models.node_group import _NodeGroup, _node_group
+from plexus.models.paged import KV_BLOCK
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
 HEADERS = [SOURCE.with_name("qdot.h"), SOURCE.with_name("rows.h")]  # included by decode.c: part of a build's key
@@ -112,10 +113,10 @@ def library(dtype: torch.dtype = torch.float32):
             try:
                 lib = ctypes.CDLL(str(build(dtype=dtype)))  # torch is loaded, so its OpenMP runtime is shared
                 p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-                lib.plexus_attention.argtypes = [p, p, p, p, f, p, p, i, i, p, i]
+                lib.plexus_attention.argtypes = [p, p, p, p, f, p, p, p, i, i, p, i]
                 lib.plexus_mlp.argtypes = [p, p, p, p, i, i, p, i]
                 lib.plexus_head.argtypes = [p, p, p, p, i]
-                lib.plexus_step.argtypes = [p, f, p, p, f, p, p, p, f, p, p, p, i]
+                lib.plexus_step.argtypes = [p, f, p, p, f, p, p, p, f, p, p, p, p, i]
                 lib.plexus_matvec.argtypes = [p, p, p, f, f, i]
                 lib.plexus_qmatvec.argtypes = [p, p, p, f, f, p, f, f, p, p, f, f, i]
                 lib.plexus_dequant.argtypes = [p, p, p, f, f, p, f, f, i]
@@ -123,6 +124,7 @@ def library(dtype: torch.dtype = torch.float32):
                            lib.plexus_dequant):
                     fn.restype = None
                 lib.plexus_step.restype = ctypes.c_int
+                lib.plexus_kv_block.argtypes, lib.plexus_kv_block.restype = [], f
                 lib.plexus_step_rows.argtypes = [p, f, p, p, p, f, p, p, p, f, i]
                 lib.plexus_rows_embed.argtypes = [p, p, p, f]
                 lib.plexus_rows_embed.restype = None
@@ -130,6 +132,8 @@ def library(dtype: torch.dtype = torch.float32):
                 lib.plexus_rows_head.argtypes = [p, p, f, p, i]
                 for fn in (lib.plexus_step_rows, lib.plexus_rows_half, lib.plexus_rows_head):
                     fn.restype = ctypes.c_int
+                if lib.plexus_kv_block() != KV_BLOCK:
+                    raise RuntimeError(f"the kernel's KV_BLOCK is {lib.plexus_kv_block()}, models/paged.py's {KV_BLOCK}")
             except (RuntimeError, OSError) as e:
                 get_logger().warning("fused decode kernel unavailable (%s); decoding with torch ops", e)
                 lib = False
@@ -218,8 +222,8 @@ class FusedDecoder:
             kv_of_q = (attn.kv_index if attn.kv_index is not None
                        else torch.arange(nq) // (nq // nk)).to(torch.long).contiguous()
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn.k_cache,
-                       attn.v_cache, *(m.weight for m in linears if m.qweight is None)]
+            tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn.cache.k,
+                       attn.cache.v, *(m.weight for m in linears if m.qweight is None)]
             assert all(t.is_contiguous() and t.dtype == dtype for t in tensors)
             assert all(t.is_contiguous() for m in linears if m.qweight is not None for t in m.qweight.tensors())
             keep += [kv_of_q, *tensors]
@@ -228,8 +232,9 @@ class FusedDecoder:
             layers.append(_Layer(
                 layer.input_layernorm.weight.data_ptr(), bias.data_ptr() if bias is not None else None,
                 layer.post_attention_layernorm.weight.data_ptr(), *(_mat(m, keep) for m in linears),
-                attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), kv_of_q.data_ptr(), nq, nk, d, cfg.hidden_size, mlp.intermediate_per_rank, model.max_context,
-                cfg.sliding_window or 0, cfg.rms_norm_eps))
+                attn.cache.k.data_ptr(), attn.cache.v.data_ptr(), kv_of_q.data_ptr(), nq, nk, d, cfg.hidden_size,
+                mlp.intermediate_per_rank, model.max_context, cfg.sliding_window or 0, attn.cache.blocks,
+                cfg.rms_norm_eps))
         embed, head = model.embed_tokens, model.lm_head
         for t in (model.norm.weight,) + tuple(m.weight for m in (embed, head) if m.qweight is None):
             assert t.is_contiguous() and t.dtype == dtype
@@ -253,15 +258,15 @@ class FusedDecoder:
         self._sizes = (cfg.hidden_size, (nq + 2 * nk) * d, nq * d, 2 * m, model.max_context)
         self._rows = None  # the batched step (plexus/models/rows.py), made on first use
 
-    def rows(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor | None:
-        """One decode step of several sequences: sequence i's ``tokens[i]`` at ``positions[i]`` in
-        KV-cache slot ``slots[i]`` -> float32 logits (len(tokens), vocab) on rank 0 (None
-        elsewhere), row i bitwise the same whatever the other rows are (csrc/rows.h)."""
+    def rows(self, tokens: list[int], tables: list[torch.Tensor], positions: list[int]) -> torch.Tensor | None:
+        """One decode step of several sequences: sequence i's ``tokens[i]`` at ``positions[i]``,
+        its KV blocks listed by ``tables[i]`` -> float32 logits (len(tokens), vocab) on rank 0
+        (None elsewhere), row i bitwise the same whatever the other rows are (csrc/rows.h)."""
         if self._rows is None:
             from plexus.models.rows import RowStepper
 
             self._rows = RowStepper(self)
-        return self._rows(tokens, slots, positions)
+        return self._rows(tokens, tables, positions)
 
     def take_rows(self, model, spare_bytes: int | None) -> None:
         """Collective over a node group (see decode.c, "Taking rows"): give the previous rank a
@@ -319,10 +324,11 @@ class FusedDecoder:
         """Blocks of 8 rows this rank has computed for the next one so far (node groups)."""
         return self.group.struct.taken if self.group is not None else 0
 
-    def __call__(self, token: int, pos: int, reuse: bool = False) -> torch.Tensor | None:
-        """``token`` at position ``pos`` -> float32 logits (1, 1, vocab) on rank 0, None elsewhere:
-        a new tensor, or with ``reuse`` (on one node) a buffer that the next such call overwrites."""
-        threads = torch.get_num_threads()
+    def __call__(self, token: int, pos: int, table: torch.Tensor, reuse: bool = False) -> torch.Tensor | None:
+        """``token`` at position ``pos`` of the sequence whose KV blocks ``table`` (int64, contiguous,
+        covering pos) lists -> float32 logits (1, 1, vocab) on rank 0, None elsewhere: a new
+        tensor, or with ``reuse`` (on one node) a buffer that the next such call overwrites."""
+        threads, blocks = torch.get_num_threads(), table.data_ptr()
         cos, sin = self._cos + pos * self._rope_row, self._sin + pos * self._rope_row  # no tensor ops: cold
         ends, scratch, out = ctypes.byref(self.ends), ctypes.byref(self.scratch), self.out.data_ptr()
         if self.comm.size == 1 or self.group is not None:
@@ -330,7 +336,7 @@ class FusedDecoder:
             if self.comm.rank == 0:
                 logits = self._logits if reuse else torch.empty(1, 1, self.vocab)
             failed = self.lib.plexus_step(self.layers, len(self._layer_ptrs), ends, scratch, token, self.x.data_ptr(),
-                                          out, None if logits is None else logits.data_ptr(), pos, cos, sin,
+                                          out, None if logits is None else logits.data_ptr(), pos, blocks, cos, sin,
                                           None if self.group is None else self.group.ref, threads)
             if failed:
                 why = ("exited" if failed == 2 else
@@ -341,7 +347,7 @@ class FusedDecoder:
         x = self.embed_tokens(torch.tensor([[token]])).float().contiguous()
         xp = x.data_ptr()
         for i, layer in enumerate(self._layer_ptrs):
-            self.lib.plexus_attention(layer, scratch, xp, out, pos, cos, sin, i > 0, 0, None, threads)
+            self.lib.plexus_attention(layer, scratch, xp, out, pos, blocks, cos, sin, i > 0, 0, None, threads)
             self.comm.allreduce_(self.out)
             self.lib.plexus_mlp(layer, scratch, xp, out, 1, 0, None, threads)
             self.comm.allreduce_(self.out)

@@ -17,8 +17,8 @@ from plexus.models.config import ModelConfig
 from plexus.models.kernels import FusedDecoder
 from plexus.models.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
                                   VocabParallelEmbedding)
+from plexus.models.paged import KV_BLOCK, PagedKV, blocks_for
 from plexus.parallel.comm import Communicator
-from plexus.parallel.hostmem import host_empty
 from plexus.parallel.plan import RankShard, ShardPlan
 
 
@@ -71,7 +71,7 @@ class Attention(nn.Module):
     """Grouped-query self-attention over this rank's query heads and the KV heads they use.
 
     qkv_proj is column-parallel (no collective); o_proj is row-parallel (one allreduce).
-    The KV cache holds only this rank's KV heads and is preallocated for max_context.
+    The KV cache holds only this rank's KV heads, in blocks of a pool (models/paged.py).
     """
 
     def __init__(self, config: ModelConfig, shard: RankShard, prefix: str, comm: Communicator,
@@ -97,31 +97,24 @@ class Attention(nn.Module):
         uniform = self.num_heads_per_rank % self.num_kv_heads_per_rank == 0 and bool(
             (kv_of_q == torch.arange(self.num_heads_per_rank) // rep).all())
         self.kv_index = None if uniform else kv_of_q.to(device)
-        self.k_cache = self.v_cache = None
+        self.cache: PagedKV | None = None
 
-    def allocate_cache(self, max_batch: int, max_context: int) -> None:
-        shape = (max_batch, self.num_kv_heads_per_rank, max_context, self.head_dim)
-        dtype, device = self.dtype, torch.device(self.device)
-        if device.type == "cpu":  # read every decode step, like the weights
-            self.k_cache, self.v_cache = host_empty(shape, dtype).zero_(), host_empty(shape, dtype).zero_()
-        else:
-            self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+    def allocate_cache(self, blocks: int) -> None:
+        self.cache = PagedKV(self.num_kv_heads_per_rank, self.head_dim, blocks, self.dtype, torch.device(self.device))
 
-    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        """x (B, T, hidden) at positions start.. into KV-cache slots slot.. slot+B-1."""
+    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
+                table: torch.Tensor) -> torch.Tensor:
+        """x (1, T, hidden) at positions start.. of the sequence whose KV blocks ``table`` lists."""
         b, t, _ = x.shape
         d, nq, nk = self.head_dim, self.num_heads_per_rank, self.num_kv_heads_per_rank
-        qkv = self.qkv_proj(x)  # (B, T, (nq + 2 nk) d)
+        qkv = self.qkv_proj(x)  # (1, T, (nq + 2 nk) d)
         qk = apply_rope(qkv[..., :(nq + nk) * d].view(b, t, nq + nk, d), cos, sin)  # q and k rotated at once
-        v = qkv[..., (nq + nk) * d:].view(b, t, nk, d)  # (B, T, nk, d)
+        v = qkv[..., (nq + nk) * d:].view(b, t, nk, d)  # (1, T, nk, d)
         end = start + t
-        k_cache, v_cache = self.k_cache[slot:slot + b], self.v_cache[slot:slot + b]
-        k_cache.narrow(2, start, t).copy_(qk[:, :, nq:].transpose(1, 2))  # (B, nk, T, d)
-        v_cache.narrow(2, start, t).copy_(v.transpose(1, 2))
+        self.cache.write(table, start, qk[0, :, nq:], v[0])
         lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window - t + 1)
-        keys, values = k_cache.narrow(2, lo, end - lo), v_cache.narrow(2, lo, end - lo)  # (B, nk, S, d)
-        q = qk[:, :, :nq].transpose(1, 2)  # (B, nq, T, d)
+        keys, values = self.cache.read(table, lo, end)  # (1, nk, S, d)
+        q = qk[:, :, :nq].transpose(1, 2)  # (1, nq, T, d)
         if self.kv_index is not None:
             keys, values = keys.index_select(1, self.kv_index), values.index_select(1, self.kv_index)
         mask, causal = None, False
@@ -173,8 +166,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(f"{p}.post_attention_layernorm", h, eps, dtype, device)
         self.mlp = MLP(config, shard, f"{p}.mlp", comm, dtype, device, quantized)
 
-    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), start, cos, sin, slot)
+    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), start, cos, sin, table)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -198,45 +191,57 @@ class CausalLM(nn.Module):
         self.lm_head = ParallelLMHead("lm_head", shard.vocab_rows, h, plan.vocab_sizes, comm, dtype, device,
                                       tied=self.embed_tokens if config.tie_word_embeddings else None)
         self.fused: FusedDecoder | None = None
+        self.solo_table: torch.Tensor | None = None
 
-    def allocate_cache(self, max_batch: int = 1) -> None:
-        """Preallocate the KV cache, ``max_batch`` slots of max_context positions; with weights and cache in place, build the fused decode
-        step where it applies (float32, bfloat16 or float16 on the CPU, see plexus/models/kernels.py)."""
+    def allocate_cache(self, blocks: int | None = None) -> None:
+        """Preallocate the KV cache: a pool of ``blocks`` blocks of KV_BLOCK positions (default:
+        one max_context sequence's); with weights and cache in place, build the fused decode step
+        where it applies (float32, bfloat16 or float16 on the CPU, see plexus/models/kernels.py).
+        ``solo_table`` (the first blocks, in order) is the table of calls that name none."""
+        blocks = blocks or blocks_for(self.max_context)
         for layer in self.layers:
-            layer.self_attn.allocate_cache(max_batch, self.max_context)
+            layer.self_attn.allocate_cache(blocks)
+        self.solo_table = torch.arange(min(blocks, blocks_for(self.max_context)))
         self.fused = FusedDecoder.for_model(self)
 
-    def forward(self, ids: torch.Tensor, start: int = 0, last_only: bool = True, slot: int = 0) -> torch.Tensor | None:
-        """ids (B, T) at positions start.. in KV-cache slots slot.. -> float32 logits (B, T or 1,
-        vocab) on rank 0, None elsewhere."""
-        if self.fused is not None and ids.shape == (1, 1) and slot == 0:
+    def forward(self, ids: torch.Tensor, start: int = 0, last_only: bool = True,
+                table: torch.Tensor | None = None) -> torch.Tensor | None:
+        """ids (1, T) at positions start.. of the sequence whose KV blocks ``table`` (int64, on
+        the CPU; default ``solo_table``) lists -> float32 logits (1, T or 1, vocab) on rank 0,
+        None elsewhere."""
+        table = self.solo_table if table is None else table
+        end = start + ids.shape[1]
+        if ids.shape[0] != 1 or end > len(table) * KV_BLOCK:
+            raise ValueError(f"{tuple(ids.shape)} ids at {start} for a table of {len(table)} blocks")
+        if self.fused is not None and ids.shape == (1, 1):
             # one new token (a decode step): all of the below, collectives included, in the fused
             # C kernel (plexus/models/kernels.py)
-            return self.fused(int(ids), start)
-        x = self.embed_tokens(ids)  # (B, T, hidden)
+            return self.fused(int(ids), start, table)
+        x = self.embed_tokens(ids)  # (1, T, hidden)
         cos, sin = self.rope.tables(start, ids.shape[1], x.dtype)
+        blocks = table[:blocks_for(end)].to(x.device)
         for layer in self.layers:
-            x = layer(x, start, cos, sin, slot)
+            x = layer(x, start, cos, sin, blocks)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
-    def step(self, token: int, pos: int) -> torch.Tensor | None:
+    def step(self, token: int, pos: int, table: torch.Tensor | None = None) -> torch.Tensor | None:
         """One decode step of one sequence: ``forward`` for the single id ``token`` at ``pos``,
         except that with the fused kernel the logits come in a buffer the next step reuses (and
         no tensor is built for the id: each torch op between steps runs cache-cold)."""
         if self.fused is not None:
-            return self.fused(token, pos, reuse=True)
-        return self(torch.tensor([[token]], device=self.embed_tokens.device), pos)
+            return self.fused(token, pos, self.solo_table if table is None else table, reuse=True)
+        return self(torch.tensor([[token]], device=self.embed_tokens.device), pos, table=table)
 
-    def step_rows(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor | None:
-        """One decode step of several sequences (sequence i: ``tokens[i]`` at ``positions[i]`` in
-        KV-cache slot ``slots[i]``) -> float32 logits (len(tokens), vocab) on rank 0, None
-        elsewhere. Each row's logits are bitwise the same whatever the other rows are: in the
+    def step_rows(self, tokens: list[int], tables: list[torch.Tensor], positions: list[int]) -> torch.Tensor | None:
+        """One decode step of several sequences (sequence i: ``tokens[i]`` at ``positions[i]``,
+        its KV blocks listed by ``tables[i]``) -> float32 logits (len(tokens), vocab) on rank 0,
+        None elsewhere. Each row's logits are bitwise the same whatever the other rows are: in the
         kernel one weight stream serves every row (models/rows.py); without it each row is its own
         forward pass."""
         if self.fused is not None:
-            return self.fused.rows(tokens, slots, positions)
+            return self.fused.rows(tokens, tables, positions)
         device = self.embed_tokens.device
-        rows = [self(torch.tensor([[t]], device=device), p, slot=s) for t, s, p in zip(tokens, slots, positions)]
+        rows = [self(torch.tensor([[t]], device=device), p, table=s) for t, s, p in zip(tokens, tables, positions)]
         return None if rows[0] is None else torch.cat([r[0, -1:].float().cpu() for r in rows])

@@ -1,5 +1,5 @@
 """Decode steps of several sequences at once through the kernel (csrc/rows.h): one stream of the
-weights for every row, each row with its own token, KV-cache slot and position.
+weights for every row, each row with its own token, position and KV block table.
 
 Batch invariance: every row's arithmetic is its own -- the kernel's dot products, norms and
 attention per row, and on several ranks the partial outputs summed in rank order, element by
@@ -14,6 +14,7 @@ import ctypes
 import torch
 
 from plexus.models.cstructs import _Row, _RowScratch
+from plexus.models.paged import KV_BLOCK
 
 
 def ordered_sum(comm, t: torch.Tensor) -> None:
@@ -41,10 +42,12 @@ class RowStepper:
             self._struct = _RowScratch(*(b.data_ptr() for b in self._bufs))
         return ctypes.byref(self._struct)
 
-    def __call__(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor | None:
+    def __call__(self, tokens: list[int], tables: list[torch.Tensor], positions: list[int]) -> torch.Tensor | None:
         f, n, threads = self.fused, len(tokens), torch.get_num_threads()
         scratch = self._scratch(n, threads)
-        rows = (_Row * n)(*(_Row(t, s, p) for t, s, p in zip(tokens, slots, positions)))
+        if any(len(t) * KV_BLOCK <= p or not t.is_contiguous() for t, p in zip(tables, positions)):
+            raise ValueError("a row's block table does not cover its position")
+        rows = (_Row * n)(*(_Row(t, p, s.data_ptr()) for t, s, p in zip(tokens, tables, positions)))
         comm, lib, ends = f.comm, f.lib, ctypes.byref(f.ends)
         cos, sin, rope_row = f._cos, f._sin, f._rope_row // 4
         if comm.size == 1:

@@ -238,7 +238,8 @@ class ShardPlan:
         embed = s.vocab * h * (1 if c.tie_word_embeddings else 2)
         return c.num_layers * layer + embed + h
 
-    def kv_cache_elements(self, rank: int, max_context: int, max_batch: int = 1) -> int:
-        """K and V cache elements rank ``rank`` preallocates for ``max_batch`` x ``max_context``."""
+    def kv_cache_elements(self, rank: int, tokens: int) -> int:
+        """K and V cache elements rank ``rank`` preallocates for ``tokens`` positions (its KV heads'
+        share of every layer's pool)."""
         c, s = self.config, self.shards[rank]
-        return 2 * c.num_layers * max_batch * s.num_kv_heads * max_context * c.head_dim
+        return 2 * c.num_layers * s.num_kv_heads * tokens * c.head_dim

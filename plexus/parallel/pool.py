@@ -5,7 +5,8 @@ Megatron splits every layer evenly, so the smallest card caps the pool. Here eac
 share of KV groups, MLP columns and vocabulary rows in proportion to a weight (``--split``):
 ``even``, explicit ``W1,W2,...``, or ``memory`` — each rank's budget (``--max-memory``) or, without
 budgets, the memory it can actually use (plexus.parallel.memory). Budgets count weights plus the
-KV cache preallocated for ``--max-context`` tokens x ``max_batch`` sequences. The engine decides
+KV cache: a pool of ``kv_tokens`` positions in blocks that any sequence may use (by default
+``--max-context`` x ``--max-batch``, lowered to what the memory holds). The engine decides
 the plan here, before any weight is read, and ``plexus plan`` prints the same numbers offline
 from config.json (and the safetensors headers) without MPI.
 """
@@ -19,7 +20,7 @@ from typing import Sequence
 from plexus.errors import PlexusError
 from plexus.parallel.memory import RESERVE_BYTES, device_free_bytes, usable_memory
 from plexus.parallel.plan import ModelShape, QuantShape, ShardPlan
-from plexus.parallel.sizes import DTYPE_BYTES, format_size, parse_budgets, parse_split
+from plexus.parallel.sizes import DTYPE_BYTES, KV_BLOCK, blocks_for, format_size, parse_budgets, parse_split
 
 def split_weights(split: str | tuple[float, ...], budgets: Sequence[int | None], world_size: int) -> list[float]:
     """Per-rank weights for ShardPlan.build: the budgets for 'memory' (unknown ones get the mean
@@ -57,6 +58,7 @@ class PoolPlan:
     dtype_bytes: int
     max_context: int
     max_batch: int
+    kv_tokens: int  # positions the KV cache's pool holds, a multiple of KV_BLOCK
     split: str | tuple[float, ...]
     budgets: tuple[int | None, ...]  # None: no limit known for that rank
     budget_kind: str = "budget"  # "budget" (given) or "usable memory" (measured)
@@ -66,15 +68,21 @@ class PoolPlan:
     @classmethod
     def build(cls, config: ModelShape, world_size: int, dtype: str, max_context: int, max_batch: int = 1,
               split: str | Sequence[float] | None = "memory", budgets: Sequence[int | None] | None = None,
-              budget_kind: str = "budget", labels: Sequence[str] = (), quant: QuantShape | None = None) -> "PoolPlan":
+              budget_kind: str = "budget", labels: Sequence[str] = (), quant: QuantShape | None = None,
+              kv_tokens: int | None = None) -> "PoolPlan":
+        """``kv_tokens``: the KV cache's positions (rounded up to whole blocks); None: max_batch
+        sequences of max_context."""
         if dtype not in DTYPE_BYTES:
             raise PlexusError(f"unsupported dtype {dtype!r} (use {', '.join(DTYPE_BYTES)})")
         if max_batch < 1:
             raise PlexusError(f"--max-batch must be at least 1, got {max_batch}")
+        if kv_tokens is not None and kv_tokens < 1:
+            raise PlexusError(f"--kv-tokens must be at least 1, got {kv_tokens}")
         split = parse_split(split)
         budgets = tuple(budgets) if budgets is not None else (None,) * world_size
         plan = ShardPlan.build(config, split_weights(split, budgets, world_size), quant.align if quant else 1)
-        return cls(plan, dtype, DTYPE_BYTES[dtype], max_context, max_batch, split, budgets, budget_kind,
+        tokens = (blocks_for(kv_tokens) if kv_tokens else blocks_for(max_context) * max_batch) * KV_BLOCK
+        return cls(plan, dtype, DTYPE_BYTES[dtype], max_context, max_batch, tokens, split, budgets, budget_kind,
                    tuple(labels) or ("",) * world_size, quant)
 
     @property
@@ -88,8 +96,36 @@ class PoolPlan:
     def weight_bytes(self, rank: int) -> int:
         return self.plan.weight_bytes(rank, self.dtype_bytes, self.quant)
 
+    @property
+    def kv_blocks(self) -> int:
+        return self.kv_tokens // KV_BLOCK
+
     def kv_cache_bytes(self, rank: int) -> int:
-        return self.plan.kv_cache_elements(rank, self.max_context, self.max_batch) * self.dtype_bytes
+        return self.plan.kv_cache_elements(rank, self.kv_tokens) * self.dtype_bytes
+
+    def describe_kv(self) -> str:
+        """The KV cache in words: its tokens, blocks and what that is in sequences."""
+        full = self.kv_tokens / self.max_context
+        return (f"KV cache for {self.kv_tokens:,} tokens ({self.kv_blocks:,} blocks of {KV_BLOCK}; "
+                f"{full:.3g} x the {self.max_context}-token context)")
+
+    def kv_room(self) -> int | None:
+        """Tokens of KV cache (whole blocks) that every rank's budget holds beside its weights;
+        None where no rank's budget is known."""
+        fits = []
+        for r, budget in enumerate(self.budgets):
+            per_token = self.plan.kv_cache_elements(r, 1) * self.dtype_bytes
+            if budget is not None and per_token:
+                fits.append(max(0, budget - self.weight_bytes(r)) // per_token)
+        return min(fits) // KV_BLOCK * KV_BLOCK if fits else None
+
+    def fit_kv(self) -> "PoolPlan":
+        """The same plan with the KV cache lowered to what the budgets hold (``kv_room``), never
+        below one max-context sequence, nor raised."""
+        room = self.kv_room()
+        if room is None:
+            return self
+        return replace(self, kv_tokens=max(blocks_for(self.max_context) * KV_BLOCK, min(self.kv_tokens, room)))
 
     def total_bytes(self, rank: int) -> int:
         return self.weight_bytes(rank) + self.kv_cache_bytes(rank)
@@ -123,7 +159,7 @@ class PoolPlan:
     def _with_budgets(self, budgets: Sequence[int], split="memory") -> "PoolPlan | None":
         try:
             return PoolPlan.build(self.config, len(budgets), self.dtype, self.max_context, self.max_batch,
-                                  split, budgets, self.budget_kind, quant=self.quant)
+                                  split, budgets, self.budget_kind, quant=self.quant, kv_tokens=self.kv_tokens)
         except PlexusError:
             return None
 
@@ -171,8 +207,8 @@ class PoolPlan:
                     if self.budget_kind == "usable memory" else "")
         return (f"the model does not fit in the {self.budget_kind} of {plural(n, 'rank')}{measured}: it needs "
                 f"{needed:,} bytes ({format_size(needed)}: weights {format_size(weights)} + KV cache "
-                f"{format_size(kv)} for {self.max_context} tokens x {plural(self.max_batch, 'sequence')} in "
-                f"{self.dtype}) and {where} (needed of available per rank: "
+                f"{format_size(kv)} for {self.kv_tokens:,} tokens in {self.dtype}) and {where} (needed of "
+                f"available per rank: "
                 f"{per_rank}); the smallest pool that would fit: {self.smallest_pool()}")
 
     # ---- output -------------------------------------------------------------------------
@@ -190,8 +226,7 @@ class PoolPlan:
         count = next(f"{n / s:.3g}{u}" for s, u in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= s)
         head = (f"plan: {c.architecture}, {count} parameters = "
                 f"{format_size(self.total_weight_bytes)} of weights in {self.dtype}"
-                f"{f', layers quantized to {self.quant.describe()}' if self.quant else ''}, KV cache for "
-                f"{self.max_context} tokens x {plural(self.max_batch, 'sequence')}, "
+                f"{f', layers quantized to {self.quant.describe()}' if self.quant else ''}, {self.describe_kv()}, "
                 f"{plural(self.world_size, 'rank')}, {self.describe_split()}")
         cols = ["rank", "device", "kv heads", "q heads", "mlp columns", "vocab rows", "weights", "kv cache",
                 "total", "budget", "fits"]
@@ -205,6 +240,10 @@ class PoolPlan:
                          {True: "yes", False: "NO", None: "-"}[fit]])
         widths = [max(len(x) for x in col) for col in zip(cols, *rows)]
         lines = [head] + ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [cols] + rows]
+        room = self.kv_room()
+        if room is not None:
+            lines.append(f"kv cache: the budgets hold up to {room:,} tokens of it beside the weights "
+                         f"({room / self.max_context:.3g} x the {self.max_context}-token context; --kv-tokens sets it)")
         return "\n".join(lines + [f"note: {n}" for n in self.plan.notes()] + [self.verdict()])
 
     def verdict(self) -> str:
@@ -235,10 +274,12 @@ class PoolPlan:
             "architecture": self.config.architecture, "num_parameters": self.config.num_parameters(),
             "dtype": self.dtype, "dtype_bytes": self.dtype_bytes, "max_context": self.max_context,
             "quantization": self.quant.describe() if self.quant else None,
-            "max_batch": self.max_batch, "split": self.split if isinstance(self.split, str) else list(self.split),
+            "max_batch": self.max_batch, "kv_tokens": self.kv_tokens, "kv_blocks": self.kv_blocks,
+            "kv_block_tokens": KV_BLOCK, "split": self.split if isinstance(self.split, str) else list(self.split),
             "world_size": self.world_size, "total_weight_bytes": self.total_weight_bytes,
             "pool_weight_bytes": sum(x["weight_bytes"] for x in ranks),
             "total_kv_cache_bytes": sum(x["kv_cache_bytes"] for x in ranks),
+            "kv_tokens_that_fit": self.kv_room(),
             "fits": self.fits, "verdict": self.verdict(), "notes": self.plan.notes(), "ranks": ranks}
 
 
@@ -246,12 +287,12 @@ class PoolPlan:
 
 def agree_pool_plan(comm, config: ModelShape, dtype, device: str, max_context: int,
                     split: str | Sequence[float] | None = "memory", max_memory=None,
-                    max_batch: int = 1, quant: QuantShape | None = None, fit_batch: bool = False) -> PoolPlan:
+                    max_batch: int = 1, quant: QuantShape | None = None, kv_tokens: int | None = None) -> PoolPlan:
     """Collective. Every rank measures the memory it can use, all ranks gather the measurements
     and build the same plan; if it does not fit the budgets (``max_memory``, else the measured
     memory) every rank raises the same one-line PlexusError — before any weight is read.
-    ``fit_batch``: ``max_batch`` is a most; the plan holds as many sequences' KV cache as fit (at
-    least one)."""
+    ``kv_tokens``: the KV cache's size; None: max_context x max_batch, lowered to what the
+    budgets hold (at least one max_context sequence)."""
     report = (comm.hostname, str(device), device_free_bytes(str(device)))
     reports = comm.allgather_obj(report)
     pool, error = None, None
@@ -263,9 +304,10 @@ def agree_pool_plan(comm, config: ModelShape, dtype, device: str, max_context: i
         multi_host = len({h for h, _, _ in reports}) > 1
         labels = [f"{d}@{h}" if multi_host else d for h, d, _ in reports]
         name = str(dtype).removeprefix("torch.")
-        pool = PoolPlan.build(config, comm.size, name, max_context, max_batch, split, budgets, kind, labels, quant)
-        while fit_batch and pool.max_batch > 1 and pool.fits is False:
-            pool = replace(pool, max_batch=pool.max_batch - 1)
+        pool = PoolPlan.build(config, comm.size, name, max_context, max_batch, split, budgets, kind, labels, quant,
+                              kv_tokens)
+        if kv_tokens is None:
+            pool = pool.fit_kv()
         error = pool.failure()
     except PlexusError as e:
         error = str(e)

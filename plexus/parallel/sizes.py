@@ -75,3 +75,11 @@ def parse_budgets(max_memory: str | int | Sequence | None, world_size: int) -> l
         raise PlexusError(f"--max-memory lists {len(sizes)} sizes but there are {world_size} ranks "
                           "(give one size for all ranks or one per rank)")
     return sizes
+
+
+KV_BLOCK = 16  # positions a KV-cache block holds (models/paged.py; csrc/decode.c's KV_BLOCK, checked where it loads)
+
+
+def blocks_for(tokens: int) -> int:
+    """KV-cache blocks that hold ``tokens`` positions."""
+    return -(-tokens // KV_BLOCK)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plexus.errors import PlexusError
+from plexus.parallel.sizes import KV_BLOCK
 
 LAUNCHER_WINDOW_S = 1.0  # SIGTERM this soon after SIGCONT: PRRTE's kill sequence
 STOPPED_GAP_S = 0.5  # a tick gap this long with no CPU used by the process: it was stopped (ctrl-Z)
@@ -62,6 +63,8 @@ class ServeOptions:
     max_queue: int = 64
     queue_timeout: float = 300.0
     prefill_chunk: int = 32
+    kv_tokens: int | None = None  # None: max_context x max_batch, or what the memory holds
+    prefix_cache: bool = True
     tokenizer: str | None = None  # --tokenizer: instead of the model's own
 
 
@@ -147,7 +150,8 @@ def run_serve(rt, opts: ServeOptions, signals: Signals) -> int:
             tokenizer = load_tokenizer(model_dir, opts.tokenizer, load_config(model_dir).vocab_size)
             name = opts.served_model_name or Path(model_dir).resolve().name
             scheduler = Scheduler(comm.size, opts.stall_timeout, max_queue=opts.max_queue, max_batch=opts.max_batch,
-                                  queue_timeout=opts.queue_timeout, prefill_chunk=opts.prefill_chunk)
+                                  queue_timeout=opts.queue_timeout, prefill_chunk=opts.prefill_chunk,
+                                  prefix_cache=opts.prefix_cache)
             app = create_app(scheduler, name, opts.api_key, opts.max_body_bytes)
             http = HttpServer(app, opts.host, opts.port, opts.http_threads, opts.max_body_bytes)
     except PlexusError as e:
@@ -166,15 +170,16 @@ def run_serve(rt, opts: ServeOptions, signals: Signals) -> int:
                              eos_token_ids=tokenizer.eos_token_ids if tokenizer else frozenset(),
                              progress=progress, split=opts.split, max_memory=opts.max_memory,
                              quantize=opts.quantize, quant_group=opts.quant_group, max_batch=opts.max_batch,
-                             fit_batch=True)
+                             kv_tokens=opts.kv_tokens)
     log_rank_table(rt, engine)
     if comm.rank != 0:
         return _worker_main(engine, log)
     scheduler.start(engine, tokenizer)
-    log.info(f"batch: up to {engine.max_batch} sequences at once, each up to {engine.max_context} tokens"
-             + (f" (--max-batch {opts.max_batch}: the memory holds the KV cache of {engine.max_batch})"
-                if engine.max_batch < opts.max_batch else "")
-             + f"; then up to {opts.max_queue} waiting (--max-queue), each for up to {opts.queue_timeout:g} s")
+    log.info(f"batch: up to {engine.max_batch} sequences at once, each up to {engine.max_context} tokens; "
+             f"KV cache {engine.kv_tokens:,} tokens ({engine.kv.blocks:,} blocks of {KV_BLOCK}, "
+             f"{engine.kv_tokens / engine.max_context:.3g} x the context) shared by them"
+             f"{', prefix cache on' if opts.prefix_cache else ''}; then up to {opts.max_queue} waiting "
+             f"(--max-queue), each for up to {opts.queue_timeout:g} s")
     log.info(f"ready: {name} loaded on {comm.size} rank(s) in {time.monotonic() - t0:.1f} s; "
              f"SIGTERM rank 0 (pid {os.getpid()}) or SIGUSR1 the launcher to drain and stop")
     return _rank0_main(scheduler, http, comm, log, opts)

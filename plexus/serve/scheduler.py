@@ -71,10 +71,11 @@ class Job:
 class Scheduler:
     def __init__(self, world_size: int = 1, stall_timeout: float = 60.0, ping_interval: float = 1.0,
                  max_queue: int = 256, registry=None, max_batch: int | None = None, queue_timeout: float = 300.0,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, prefix_cache: bool = True):
         self.world_size = world_size
         self.stall_timeout, self.ping_interval, self.max_queue = stall_timeout, ping_interval, max_queue
         self.max_batch, self.queue_timeout, self.prefill_chunk = max_batch, queue_timeout, prefill_chunk
+        self.prefix_cache = prefix_cache
         self.state = LOADING
         self.engine = self.tokenizer = None
         self.runner: BatchRunner | None = None
@@ -83,7 +84,7 @@ class Scheduler:
         self.stop_now = False
         self.stopped_at: float | None = None  # monotonic time of the first stop()
         self.finished = threading.Event()  # the engine thread is done (stopped or failed)
-        self.metrics = ServerMetrics(world_size, self.queue_depth, self.running, registry)
+        self.metrics = ServerMetrics(world_size, self.queue_depth, self.running, registry, kv=lambda: self._kv())
         self._waiting: deque[Job] = deque()  # submitted, not yet in the batch
         self._wake = threading.Condition()
         self._jobs: set[Job] = set()  # submitted and not finished
@@ -99,7 +100,7 @@ class Scheduler:
     def start(self, engine, tokenizer) -> None:
         """Loaded: accept requests, start the engine thread and the watchdog."""
         self.engine, self.tokenizer = engine, tokenizer
-        self.runner = BatchRunner(engine, tokenizer, max_batch=self.max_batch,
+        self.runner = BatchRunner(engine, tokenizer, max_batch=self.max_batch, prefix_cache=self.prefix_cache,
                                   **({"prefill_chunk": self.prefill_chunk} if self.prefill_chunk else {}))
         with self._lock:
             if self.state == LOADING:
@@ -170,6 +171,9 @@ class Scheduler:
         with self._lock:
             return len(self._waiting)
 
+    def _kv(self):
+        return self.engine.kv if self.engine is not None else None
+
     def running(self) -> int:
         runner = self.runner
         return len(runner.running) if runner is not None else 0
@@ -215,7 +219,7 @@ class Scheduler:
                            or self._past_deadline()]
                 for job in expired:
                     self._waiting.remove(job)
-                job = self._waiting.popleft() if self._waiting and runner.room else None
+                job = self._waiting[0] if self._waiting and runner.room else None
             for old in expired:
                 self._close(old, "error", APIError(499, "client closed the request") if old.gone() else
                             unavailable("the server is shutting down", "shutting_down") if self._past_deadline() else
@@ -224,12 +228,19 @@ class Scheduler:
             if job is None:
                 return
             try:
-                runner.add(job.prompt_ids, job.params, on_text=job.put_text if job.stream else None,
-                                     cancelled=lambda job=job: job.gone() or self._past_deadline()
-                                     or self.state == FAILED, tag=job)
+                seq = runner.add(job.prompt_ids, job.params, on_text=job.put_text if job.stream else None,
+                                 cancelled=lambda job=job: job.gone() or self._past_deadline()
+                                 or self.state == FAILED, tag=job)
             except PlexusError as e:  # the request, not the mesh (nothing was broadcast)
-                self._close(job, "error", APIError(400, str(e)))
+                seq = e
+            if seq is None:  # the KV cache is promised to those running: first in line waits for a step
+                return
+            with self._lock:
+                self._waiting.remove(job)
+            if isinstance(seq, PlexusError):
+                self._close(job, "error", APIError(400, str(seq)))
                 continue
+            self.metrics.prefix_hit_tokens.inc(seq.reused)
             job.started = time.monotonic()
             job.events.put(("start", None))
 

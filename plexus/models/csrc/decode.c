@@ -218,9 +218,10 @@ static inline float dot(const wt *w, const float *x, long k) {
 typedef struct {
     const wt *input_norm, *qkv_bias, *post_norm; /* qkv_bias may be NULL */
     Mat qkv, o, gate_up, down;  /* dense or quantized (csrc/qdot.h) */
-    wt *k_cache, *v_cache;     /* this rank's KV heads of batch row 0: (kv heads, max_context, head_dim) */
+    wt *k_cache, *v_cache;     /* this rank's KV heads' pools: (kv heads, kv_blocks, KV_BLOCK, head_dim) */
     const long *kv_of_q;       /* the local KV head each local query head reads */
     long num_heads, num_kv_heads, head_dim, hidden, intermediate, max_context, window; /* window 0: none */
+    long kv_blocks;            /* blocks in each pool */
     float eps;
     /* Rows a waiting rank may take from the next rank of its node group (see Group): the last
      * tail_rows rows of that rank's o_proj and down_proj shards, copied here, and their widths
@@ -387,42 +388,68 @@ static void rope(float *x, const float *cos, const float *sin, long d) {
     }
 }
 
+/* The KV cache is paged: a layer's K (and V) pool is (kv heads, nb blocks, KV_BLOCK, head_dim), and a
+ * sequence's block table lists the blocks that hold its positions, KV_BLOCK at a time (position p
+ * is row p % KV_BLOCK of block table[p / KV_BLOCK]). Any block may serve any sequence, so the
+ * cache is counted in tokens, not in sequences times their longest context. */
+#define KV_BLOCK 16
+long plexus_kv_block(void) { return KV_BLOCK; }
+
+/* the rows of KV head kv in the block holding a sequence's positions b KV_BLOCK .. (nb: blocks in
+ * the pool) */
+static inline const wt *kv_block(const wt *pool, const long *table, long b, long kv, long nb, long d) {
+    return pool + (kv * nb + table[b]) * KV_BLOCK * d;
+}
+
 /* How far ahead (in positions) the attention loops ask for the KV cache rows they will read: they
  * come from memory (the weights streamed since evicted them), and with the hardware's prefetch
- * alone the attention phase took 5-10% longer (timed inside the call; 8 and 32 no better) */
-#define AHEAD 16
+ * alone the attention phase took 5-10% longer (timed inside the call; 8 and 32 no better). One
+ * block: the row AHEAD positions on is the same row of the next block. */
+#define AHEAD KV_BLOCK
 
-/* out[0, d) = scale * sum over positions p in lo..pos of w[p] * V[p]: in 64-float strips down
- * all the rows (then 8-float ones), the sums held in registers: eight independent chains of
- * multiply-adds, enough to keep both FMA units busy (four left half their time idle, and the
- * plain loop kept the sums in memory, each position waiting on the last one's stores) */
-static void weighted_rows(const wt *V, const float *w, float *out, long lo, long pos, long d, float scale) {
-    long j = 0;
+/* out[0, d) = scale * sum over positions p in lo..pos of w[p] * V[p], V head kv's rows through the
+ * block table: in 64-float strips down all the rows (then 8-float ones), the sums held in
+ * registers: eight independent chains of multiply-adds, enough to keep both FMA units busy (four
+ * left half their time idle, and the plain loop kept the sums in memory, each position waiting on
+ * the last one's stores). Each sum runs through the positions in order, block after block: the
+ * same bits wherever the blocks lie. */
+static void weighted_rows(const wt *pool, const long *table, long kv, long nb, const float *w, float *out, long lo,
+                          long pos, long d, float scale) {
+    long j = 0, first = lo / KV_BLOCK, last = pos / KV_BLOCK;
 #if defined(VECTOR)
     __m256 sc = _mm256_set1_ps(scale);
     for (; j + 64 <= d; j += 64) {
         __m256 a[8];
         for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-        for (long p = lo; p <= pos; p++) {
-            __m256 wp = _mm256_set1_ps(w[p]);
-            const wt *v = V + p * d + j;
-            if (p + AHEAD <= pos)
-                for (long b = 0; b < 64 * (long)sizeof(wt); b += 64)
-                    _mm_prefetch((const char *)(v + AHEAD * d) + b, _MM_HINT_T0);
-            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(wp, LOAD8(v + 8 * i), a[i]);
+        for (long b = first; b <= last; b++) {
+            const wt *V = kv_block(pool, table, b, kv, nb, d), *next = b < last ? kv_block(pool, table, b + 1, kv, nb, d) : NULL;
+            long p0 = b * KV_BLOCK, from = lo > p0 ? lo - p0 : 0, to = pos - p0 < KV_BLOCK ? pos - p0 + 1 : KV_BLOCK;
+            for (long p = from; p < to; p++) {
+                __m256 wp = _mm256_set1_ps(w[p0 + p]);
+                const wt *v = V + p * d + j;
+                if (next && p0 + KV_BLOCK + p <= pos)
+                    for (long c = 0; c < 64 * (long)sizeof(wt); c += 64)
+                        _mm_prefetch((const char *)(next + p * d + j) + c, _MM_HINT_T0);
+                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(wp, LOAD8(v + 8 * i), a[i]);
+            }
         }
         for (int i = 0; i < 8; i++) _mm256_storeu_ps(out + j + 8 * i, _mm256_mul_ps(a[i], sc));
     }
     for (; j + 8 <= d; j += 8) {
         __m256 a = _mm256_setzero_ps();
-        for (long p = lo; p <= pos; p++) a = _mm256_fmadd_ps(_mm256_set1_ps(w[p]), LOAD8(V + p * d + j), a);
+        for (long p = lo; p <= pos; p++) {
+            const wt *V = kv_block(pool, table, p / KV_BLOCK, kv, nb, d);
+            a = _mm256_fmadd_ps(_mm256_set1_ps(w[p]), LOAD8(V + (p % KV_BLOCK) * d + j), a);
+        }
         _mm256_storeu_ps(out + j, _mm256_mul_ps(a, sc));
     }
 #endif
     if (j == d) return;
     for (long i = j; i < d; i++) out[i] = 0.0f;
-    for (long p = lo; p <= pos; p++)
-        for (long i = j; i < d; i++) out[i] += w[p] * wf(V[p * d + i]);
+    for (long p = lo; p <= pos; p++) {
+        const wt *V = kv_block(pool, table, p / KV_BLOCK, kv, nb, d) + (p % KV_BLOCK) * d;
+        for (long i = j; i < d; i++) out[i] += w[p] * wf(V[i]);
+    }
     for (long i = j; i < d; i++) out[i] *= scale;
 }
 
@@ -493,18 +520,19 @@ static inline __m256 sum_lanes8(const __m256 *a) {
 }
 #endif
 
-/* s[p] = scale * K[p] . q for positions p in [lo, hi); returns their maximum. Eight positions at
+/* s[p] = scale * K[p] . q for the rows p in [lo, hi) of one block (K its row 0); returns their
+ * maximum. next: the next block's rows (NULL: none), asked for AHEAD positions early. Eight positions at
  * a time where d is a multiple of 8: one sum per position down the row, the eight summed across
  * together at the end, rather than four per position summed across on its own */
-static float scores(const wt *K, const float *q, float *s, long lo, long hi, long d, float scale) {
+static float scores(const wt *K, const wt *next, const float *q, float *s, long lo, long hi, long d, float scale) {
     long p = lo;
     float mx = -INFINITY;
 #if defined(VECTOR)
     if (d % 8 == 0) {
         __m256 sc = _mm256_set1_ps(scale), m = _mm256_set1_ps(-INFINITY);
         for (; p + 8 <= hi; p += 8) {
-            if (p + 8 + AHEAD <= hi) { /* the rows AHEAD positions on, on their way while these are summed */
-                const char *f = (const char *)(K + (p + AHEAD) * d);
+            if (next) { /* the rows AHEAD positions on, on their way while these are summed */
+                const char *f = (const char *)(next + p * d);
                 for (long b = 0; b < 8 * d * (long)sizeof(wt); b += 64) _mm_prefetch(f + b, _MM_HINT_T0);
             }
             __m256 a[8];
@@ -529,11 +557,24 @@ static float scores(const wt *K, const float *q, float *s, long lo, long hi, lon
     return mx;
 }
 
-/* softmax(q K^T / sqrt(d)) V over cached positions lo..pos, for one query head */
-static void attend(const float *q, const wt *K, const wt *V, float *s, float *out, long lo, long pos, long d) {
-    float mx = scores(K, q, s, lo, pos + 1, d, 1.0f / sqrtf((float)d));
+/* softmax(q K^T / sqrt(d)) V over cached positions lo..pos, for one query head reading KV head kv
+ * through the sequence's block table (nb: blocks in the pools) */
+static void attend(const float *q, const wt *K, const wt *V, const long *table, long kv, long nb, float *s,
+                   float *out, long lo, long pos, long d) {
+    float mx = -INFINITY, scale = 1.0f / sqrtf((float)d);
+    for (long b = lo / KV_BLOCK, last = pos / KV_BLOCK; b <= last; b++) {
+        long p0 = b * KV_BLOCK, from = lo > p0 ? lo - p0 : 0, to = pos - p0 < KV_BLOCK ? pos - p0 + 1 : KV_BLOCK;
+        const wt *next = b < last ? kv_block(K, table, b + 1, kv, nb, d) : NULL; /* a prefetch never faults */
+        float m = scores(kv_block(K, table, b, kv, nb, d), next, q, s + p0, from, to, d, scale);
+        mx = m > mx ? m : mx;
+    }
     float sum = exp_shifted(s, lo, pos + 1, mx);
-    weighted_rows(V, s, out, lo, pos, d, 1.0f / sum);
+    weighted_rows(V, table, kv, nb, s, out, lo, pos, d, 1.0f / sum);
+}
+
+/* where position pos of KV head kv goes in a layer's K (or V) pool */
+static inline wt *kv_slot(wt *pool, const long *table, long pos, long kv, long nb, long d) {
+    return pool + ((kv * nb + table[pos / KV_BLOCK]) * KV_BLOCK + pos % KV_BLOCK) * d;
 }
 
 /* The two ends of a half-layer, called by every thread of its team (orphaned OpenMP directives).
@@ -565,7 +606,7 @@ static void finish_shared(Group *g, float *x, float *out, long n) {
 /* x += out first when ``before`` (the previous half's allreduced output); then
  * out = o_proj(attention(input_norm(x))), this rank's partial sum; when ``after``, out is summed
  * over the node group's ranks (if there is a group: then ``after`` is 1) and added to x */
-void plexus_attention(const Layer *L, const Scratch *S, float *x, float *out, long pos,
+void plexus_attention(const Layer *L, const Scratch *S, float *x, float *out, long pos, const long *table,
                       const float *cos, const float *sin, int before, int after, Group *g, int threads) {
     long d = L->head_dim, nq = L->num_heads, nk = L->num_kv_heads, T = L->max_context;
     long lo = L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0;
@@ -582,7 +623,8 @@ void plexus_attention(const Layer *L, const Scratch *S, float *x, float *out, lo
             rope(head, cos, sin, d);
             if (h >= nq) { /* a KV head: store its k and v at pos */
                 long kv = h - nq;
-                wt *kc = L->k_cache + (kv * T + pos) * d, *vc = L->v_cache + (kv * T + pos) * d;
+                wt *kc = kv_slot(L->k_cache, table, pos, kv, L->kv_blocks, d);
+                wt *vc = kv_slot(L->v_cache, table, pos, kv, L->kv_blocks, d);
                 const float *v = S->qkv + (nq + nk + kv) * d;
                 for (long i = 0; i < d; i++) {
                     kc[i] = fw(head[i]);
@@ -593,8 +635,8 @@ void plexus_attention(const Layer *L, const Scratch *S, float *x, float *out, lo
 #pragma omp for
         for (long h = 0; h < nq; h++) {
             long kv = L->kv_of_q[h];
-            attend(S->qkv + h * d, L->k_cache + kv * T * d, L->v_cache + kv * T * d, S->scores + h * T,
-                   attn + h * d, lo, pos, d);
+            attend(S->qkv + h * d, L->k_cache, L->v_cache, table, kv, L->kv_blocks, S->scores + h * T, attn + h * d, lo,
+                   pos, d);
         }
         if (g) {
 #pragma omp single nowait
@@ -646,9 +688,9 @@ void plexus_mlp(const Layer *L, const Scratch *S, float *x, float *out, int befo
 /* Every layer, both halves, residuals added, x updated in place: a world of one rank (g NULL)
  * or the ranks of one node (g their group). Non-zero: the group failed (Group.failed). */
 static int layers_step(const Layer *layers, long n, const Scratch *S, float *x, float *out, long pos,
-                       const float *cos, const float *sin, Group *g, int threads) {
+                       const long *table, const float *cos, const float *sin, Group *g, int threads) {
     for (long i = 0; i < n; i++) {
-        plexus_attention(layers + i, S, x, out, pos, cos, sin, 0, 1, g, threads);
+        plexus_attention(layers + i, S, x, out, pos, table, cos, sin, 0, 1, g, threads);
         if (g && g->failed) return g->failed;
         plexus_mlp(layers + i, S, x, out, 0, 1, g, threads);
         if (g && g->failed) return g->failed;
@@ -686,12 +728,12 @@ static void head_shared(const Ends *E, const Scratch *S, const float *x, Group *
  * ``logits`` (NULL on the other ranks). x: the hidden state (scratch). Non-zero: the group
  * failed (Group.failed). */
 int plexus_step(const Layer *layers, long n, const Ends *E, const Scratch *S, long token, float *x, float *out,
-                float *logits, long pos, const float *cos, const float *sin, Group *g, int threads) {
+                float *logits, long pos, const long *table, const float *cos, const float *sin, Group *g, int threads) {
     long row = token - E->first;
     if (row >= 0 && row < E->rows) mat_row(&E->embed, row, E->hidden, x);
     else memset(x, 0, E->hidden * sizeof(float));
     if (g && group_allreduce(g, x)) return g->failed;
-    int failed = layers_step(layers, n, S, x, out, pos, cos, sin, g, threads);
+    int failed = layers_step(layers, n, S, x, out, pos, table, cos, sin, g, threads);
     if (failed) return failed;
     if (!g) {
         plexus_head(E, S, x, logits, threads);

@@ -1,5 +1,5 @@
 /* Decode steps of several sequences at once (continuous batching), included at the end of
- * decode.c: one row per sequence, each with its own token, KV-cache slot and position, and one
+ * decode.c: one row per sequence, each with its own token, position and KV block table, and one
  * stream of the weights for all of them (a weight row, read from memory once, is multiplied into
  * every sequence's input while it is in the cache).
  *
@@ -10,7 +10,8 @@
  * caller sums each half's partial outputs between plexus_rows_half calls (in rank order). */
 
 typedef struct {
-    long token, slot, pos;
+    long token, pos;
+    const long *table; /* the sequence's KV blocks (decode.c, KV_BLOCK) */
 } Row;
 
 /* Where the rows' activations live: x, out, normed (rows, hidden); qkv (rows, (nq + 2 nk) d); attn
@@ -102,7 +103,7 @@ static void add_rows(float *X, const float *OUT, long n) {
 static int attention_rows(const Layer *L, const RowScratch *S, const Row *rows, long nrows, const float *cos,
                           const float *sin, long rope_row, int add) {
     long d = L->head_dim, nq = L->num_heads, nk = L->num_kv_heads, T = L->max_context, h = L->hidden;
-    long nqkv = (nq + 2 * nk) * d, plane = nk * T * d; /* one slot's K (or V) cache */
+    long nqkv = (nq + 2 * nk) * d;
     norm_rows(L->input_norm, S->x, S->normed, nrows, h, L->eps);
     int failed = matvec_part_rows(&L->qkv, L->qkv_bias, S->normed, h, S->qkv, nqkv, nqkv, h, nrows);
 #pragma omp barrier
@@ -112,10 +113,10 @@ static int attention_rows(const Layer *L, const RowScratch *S, const Row *rows, 
             long pos = rows[t].pos;
             float *head = S->qkv + t * nqkv + j * d;
             rope(head, cos + pos * rope_row, sin + pos * rope_row, d);
-            if (j >= nq) { /* a KV head: store its k and v at pos, in the row's slot */
+            if (j >= nq) { /* a KV head: store its k and v at pos, in the row's blocks */
                 long kv = j - nq;
-                wt *kc = L->k_cache + rows[t].slot * plane + (kv * T + pos) * d;
-                wt *vc = L->v_cache + rows[t].slot * plane + (kv * T + pos) * d;
+                wt *kc = kv_slot(L->k_cache, rows[t].table, pos, kv, L->kv_blocks, d);
+                wt *vc = kv_slot(L->v_cache, rows[t].table, pos, kv, L->kv_blocks, d);
                 const float *v = S->qkv + t * nqkv + (nq + nk + kv) * d;
                 for (long i = 0; i < d; i++) {
                     kc[i] = fw(head[i]);
@@ -128,9 +129,8 @@ static int attention_rows(const Layer *L, const RowScratch *S, const Row *rows, 
         for (long j = 0; j < nq; j++) {
             long pos = rows[t].pos, kv = L->kv_of_q[j];
             long lo = L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0;
-            attend(S->qkv + t * nqkv + j * d, L->k_cache + rows[t].slot * plane + kv * T * d,
-                   L->v_cache + rows[t].slot * plane + kv * T * d, S->scores + omp_get_thread_num() * T,
-                   S->attn + (t * nq + j) * d, lo, pos, d);
+            attend(S->qkv + t * nqkv + j * d, L->k_cache, L->v_cache, rows[t].table, kv, L->kv_blocks,
+                   S->scores + omp_get_thread_num() * T, S->attn + (t * nq + j) * d, lo, pos, d);
         }
     failed |= matvec_part_rows(&L->o, NULL, S->attn, nq * d, S->out, h, h, nq * d, nrows);
     if (add) add_rows(S->x, S->out, nrows * h);
