@@ -55,7 +55,7 @@ def main() -> None:
                 comm.barrier()
                 t0 = time.perf_counter()
                 for s in range(args.steps):
-                    d(7, 128 + s, reuse=True)
+                    d(7, 128 + s, model.solo_table, reuse=True)
                 times[k].append(comm.comm.allreduce((time.perf_counter() - t0) / args.steps, op=MPI.MAX))
     taken = comm.allgather_obj(taking.rows_taken / (args.rounds * args.steps))
     if comm.rank == 0:
