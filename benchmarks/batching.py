@@ -120,7 +120,7 @@ def main() -> None:
     setup_logging(comm.rank)
     model_dir = str(ensure_preset_model("bench", lambda *a: None)) if comm.rank == 0 else None
     model_dir = comm.bcast_obj(model_dir)
-    context = args.long_prompt + 64 if args.experiment == "admission" else args.history + 64
+    context = args.long_prompt + 48 if args.experiment == "admission" else args.history + 64  # bench preset: 2048
     engine = Engine.load(model_dir, comm, args.dtype, "cpu", max_context=context, max_batch=args.streams + 1)
     engine.eos_token_ids = frozenset()
     if comm.rank != 0:

@@ -130,6 +130,7 @@ def library(dtype: torch.dtype = torch.float32):
                 lib.plexus_rows_embed.restype = None
                 lib.plexus_rows_half.argtypes = [p, p, p, f, i, i, p, p, f, i]
                 lib.plexus_rows_head.argtypes = [p, p, f, p, i]
+                lib.plexus_attend_chunk.argtypes, lib.plexus_attend_chunk.restype = [p, p, p, p, f, f, p, i], None
                 for fn in (lib.plexus_step_rows, lib.plexus_rows_half, lib.plexus_rows_head):
                     fn.restype = ctypes.c_int
                 if lib.plexus_kv_block() != KV_BLOCK:
@@ -179,6 +180,26 @@ def matvec(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
     float32, all contiguous (the bench's probe; the LM head of a float32 prefill)."""
     library(weight.dtype).plexus_matvec(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0],
                                         weight.shape[1], torch.get_num_threads())
+
+
+class ChunkAttention:
+    """One layer's attention for a prompt chunk through the kernel (csrc/rows.h,
+    ``plexus_attend_chunk``): every query over the sequence's cached positions where its blocks
+    lie, with no gather of them into one tensor (which costs a copy of the whole history per
+    layer and chunk)."""
+
+    def __init__(self, decoder: "FusedDecoder", layer: int, max_context: int):
+        self.decoder, self.layer, self.max_context = decoder, layer, max_context  # the decoder owns the struct
+
+    def __call__(self, q: torch.Tensor, table: torch.Tensor, start: int) -> torch.Tensor:
+        """q (T, heads, head_dim) at positions start.. -> (T, heads, head_dim) in q's dtype."""
+        qf = q.float().contiguous()
+        out, threads = torch.empty_like(qf), torch.get_num_threads()
+        scores = torch.empty(threads * self.max_context)
+        table = table.contiguous()
+        self.decoder.lib.plexus_attend_chunk(self.layer, qf.data_ptr(), out.data_ptr(), table.data_ptr(), start,
+                                             q.shape[0], scores.data_ptr(), threads)
+        return out.to(q.dtype)
 
 
 class FusedDecoder:
@@ -246,6 +267,8 @@ class FusedDecoder:
         self.layers = (_Layer * len(layers))(*layers)
         self._layer_ptrs = [ctypes.addressof(self.layers[i]) for i in range(len(layers))]
         self._keep = keep
+        for layer, ptr in zip(model.layers, self._layer_ptrs):  # prompt chunks' attention, in place on the blocks
+            layer.self_attn.cache.kernel = ChunkAttention(self, ptr, model.max_context)
         a = model.layers[0].self_attn
         nq, nk, d = a.num_heads_per_rank, a.num_kv_heads_per_rank, a.head_dim
         m = model.layers[0].mlp.intermediate_per_rank

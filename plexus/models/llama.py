@@ -112,6 +112,8 @@ class Attention(nn.Module):
         v = qkv[..., (nq + nk) * d:].view(b, t, nk, d)  # (1, T, nk, d)
         end = start + t
         self.cache.write(table, start, qk[0, :, nq:], v[0])
+        if self.cache.kernel is not None:  # on the CPU with the kernel: no gather of the history
+            return self.o_proj(self.cache.kernel(qk[0, :, :nq], table, start).view(b, t, nq * d))
         lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window - t + 1)
         keys, values = self.cache.read(table, lo, end)  # (1, nk, S, d)
         q = qk[:, :, :nq].transpose(1, 2)  # (1, nq, T, d)

@@ -30,6 +30,9 @@ class PagedKV:
             self.k = torch.zeros(shape, dtype=dtype, device=device)
             self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.blocks = blocks
+        # a prompt chunk's attention over the blocks where they lie, (q, table, start) -> output:
+        # the C kernel's where it runs (models/kernels.py sets it), else None (gather, then SDPA)
+        self.kernel = None
 
     def write(self, table: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (T, kv heads, head_dim) into positions start .. start+T-1 of the sequence ``table``

@@ -213,3 +213,20 @@ int plexus_rows_head(const Ends *E, const RowScratch *S, long nrows, float *logi
     }
     return failed;
 }
+
+/* A prompt chunk's attention (the torch path runs the rest of the chunk): query rows t < T at
+ * positions start + t, each query head over the sequence's cached positions lo..start + t through
+ * its block table (the chunk's own keys and values already stored). q, out: (T, num_heads,
+ * head_dim) float32; scores: threads x max_context floats. Reading the blocks where they lie,
+ * with no gather of the sequence's cache, and each position's arithmetic that of a decode step. */
+void plexus_attend_chunk(const Layer *L, const float *q, float *out, const long *table, long start, long T,
+                         float *scores, int threads) {
+    long d = L->head_dim, nq = L->num_heads;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
+    for (long t = 0; t < T; t++)
+        for (long j = 0; j < nq; j++) {
+            long pos = start + t, lo = L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0;
+            attend(q + (t * nq + j) * d, L->k_cache, L->v_cache, table, L->kv_of_q[j], L->kv_blocks,
+                   scores + omp_get_thread_num() * L->max_context, out + (t * nq + j) * d, lo, pos, d);
+        }
+}
