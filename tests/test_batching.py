@@ -65,6 +65,10 @@ def test_64_concurrent_clients_get_their_solo_answers(batch_server, alone):
         return c.completions.create(model="stories260K", prompt=PROMPTS[i], max_tokens=MAX_TOKENS,
                                     temperature=0).choices[0].text
 
+    with ThreadPoolExecutor(16) as pool:  # a first full batch: what is allocated once, on first use
+        list(pool.map(one, range(16)))
+    ranks = batch_server.ranks()
+    idle = {r: p.memory_info().rss for r, p in ranks.items()}
     threading.Thread(target=watch, daemon=True).start()
     with ThreadPoolExecutor(64) as pool:
         got = list(pool.map(one, range(64)))
@@ -73,6 +77,11 @@ def test_64_concurrent_clients_get_their_solo_answers(batch_server, alone):
     assert peak[0] > 1, "requests never ran together"
     assert "batch: up to 16 sequences at once" in batch_server.output
     assert metric(port, "plexus_requests_running") == 0 and metric(port, "plexus_queue_depth") == 0
+    # memory back to idle: every KV block returned, and no rank grew past allocator noise (the KV
+    # cache is preallocated: requests hold blocks of it, not memory of their own)
+    assert metric(port, "plexus_kv_blocks_used") == 0
+    after = {r: p.memory_info().rss for r, p in ranks.items()}
+    assert all(after[r] - idle[r] < 32 * 2**20 for r in idle), (idle, after)
 
 
 @pytest.mark.timeout(300)
@@ -159,6 +168,29 @@ def test_a_second_turn_starts_from_the_first_turns_blocks(batch_server, stories_
     assert metric(port, "plexus_prefix_cache_hit_tokens_total") - hits >= 64
     assert got == solo(stories_dir, tmp_path, [second])[0]
     assert metric(port, "plexus_kv_blocks_used") == 0 and metric(port, "plexus_kv_blocks_cached") > 0
+
+
+@pytest.mark.timeout(120)
+def test_logit_bias_steers_each_request_in_a_batch_of_its_own(batch_server, stories_dir, alone):
+    """Concurrent requests, each with its own logit_bias: +100 on one token makes every
+    generated token that one (the model's logits span far less than 100); the unbiased requests
+    in the same batch keep their solo answers."""
+    from plexus.engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(stories_dir)
+    favourites = [tok.encode(w, add_special_tokens=False)[-1] for w in (" cat", " ball", " sun")]
+
+    def one(i):
+        c = client(batch_server.port, "k")
+        extra = {"logit_bias": {str(favourites[i]): 100}} if i < 3 else {}
+        r = c.completions.create(model="stories260K", prompt=PROMPTS[i], max_tokens=8 if i < 3 else MAX_TOKENS,
+                                 temperature=0, **extra)
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(one, range(6)))
+    assert got[:3] == [tok.decode([t] * 8) for t in favourites]
+    assert got[3:] == alone[3:6]
 
 
 @pytest.mark.timeout(120)

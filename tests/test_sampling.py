@@ -38,6 +38,19 @@ def test_greedy_is_argmax():
     assert Sampler(SamplingParams(temperature=0.0))(logits) == int(logits.argmax())
 
 
+def test_logit_bias_is_added_before_the_choice():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.5])
+    assert Sampler(SamplingParams(logit_bias=((3, 1.0),)))(logits) == 3  # 3.5 beats 3.0
+    assert Sampler(SamplingParams(logit_bias=((1, -100.0),)))(logits) == 3  # the top one banned
+    assert Sampler(SamplingParams())(logits) == 1  # and the logits themselves are not changed
+    banned = SamplingParams(temperature=1.0, seed=7, logit_bias=((1, -100.0), (3, -100.0)))
+    sampler = Sampler(banned)
+    picks = [sampler(logits) for _ in range(100)]
+    assert set(picks) == {0, 2}  # never a banned one; both others (p = 0.27 and 0.73)
+    s = Sampler(SamplingParams(temperature=1.0, seed=1, logit_bias=((0, 100.0),)))
+    assert [s(logits) for _ in range(20)] == [0] * 20
+
+
 def test_top_k_one_is_argmax_whatever_the_seed():
     logits = seeded_logits(50)
     for seed in range(20):

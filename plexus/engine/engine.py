@@ -187,6 +187,10 @@ class Engine:
             model.fused.take_rows(model, pool.spare_bytes(comm.rank))
         return engine
 
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
     # ---- rank 0 ---------------------------------------------------------------------------
 
     def check_request(self, prompt_ids: list[int], max_tokens: int) -> None:

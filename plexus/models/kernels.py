@@ -190,6 +190,7 @@ class ChunkAttention:
 
     def __init__(self, decoder: "FusedDecoder", layer: int, max_context: int):
         self.decoder, self.layer, self.max_context = decoder, layer, max_context  # the decoder owns the struct
+        self.lib = decoder.lib
 
     def __call__(self, q: torch.Tensor, table: torch.Tensor, start: int) -> torch.Tensor:
         """q (T, heads, head_dim) at positions start.. -> (T, heads, head_dim) in q's dtype."""
@@ -197,7 +198,7 @@ class ChunkAttention:
         out, threads = torch.empty_like(qf), torch.get_num_threads()
         scores = torch.empty(threads * self.max_context)
         table = table.contiguous()
-        self.decoder.lib.plexus_attend_chunk(self.layer, qf.data_ptr(), out.data_ptr(), table.data_ptr(), start,
+        self.lib.plexus_attend_chunk(self.layer, qf.data_ptr(), out.data_ptr(), table.data_ptr(), start,
                                              q.shape[0], scores.data_ptr(), threads)
         return out.to(q.dtype)
 
@@ -224,8 +225,13 @@ class FusedDecoder:
             a, mlp = model.layers[0].self_attn, model.layers[0].mlp
             decoder.group = _node_group(comm, model.config.hidden_size, model.config.vocab_size,
                                         max(a.num_heads_per_rank * a.head_dim, mlp.intermediate_per_rank))
-            return decoder
-        return cls(model) if usable else None
+        elif usable:
+            decoder = cls(model)
+        else:
+            return None
+        for layer, ptr in zip(model.layers, decoder._layer_ptrs):  # prompt chunks' attention, on the blocks
+            layer.self_attn.cache.kernel = ChunkAttention(decoder, ptr, model.max_context)
+        return decoder
 
     def __init__(self, model):
         cfg, self.comm = model.config, model.comm
@@ -267,8 +273,6 @@ class FusedDecoder:
         self.layers = (_Layer * len(layers))(*layers)
         self._layer_ptrs = [ctypes.addressof(self.layers[i]) for i in range(len(layers))]
         self._keep = keep
-        for layer, ptr in zip(model.layers, self._layer_ptrs):  # prompt chunks' attention, in place on the blocks
-            layer.self_attn.cache.kernel = ChunkAttention(self, ptr, model.max_context)
         a = model.layers[0].self_attn
         nq, nk, d = a.num_heads_per_rank, a.num_kv_heads_per_rank, a.head_dim
         m = model.layers[0].mlp.intermediate_per_rank

@@ -145,6 +145,11 @@ def _complete(scheduler: Scheduler, model_name: str, kind: str):
         scheduler.engine.check_request(ids, max_tokens)  # the vocabulary range of token-id prompts
     except PlexusError as e:
         raise APIError(400, str(e), param="prompt" if kind == "completion" else "messages") from None
+    vocab = scheduler.engine.vocab_size
+    outside = [t for t, _ in req.sampling.logit_bias if t >= vocab]
+    if outside:
+        raise APIError(400, f"logit_bias names token {outside[0]}, outside the vocabulary (size {vocab})",
+                       param="logit_bias")
     job = Job(ids, replace(req.sampling, max_tokens=max_tokens), req.stream,
               request.environ.get("waitress.client_disconnected", lambda: False))
     scheduler.submit(job)

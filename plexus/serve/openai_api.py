@@ -113,6 +113,30 @@ def _unsupported(body: dict, name: str, allowed=(None,)) -> None:
         raise _bad(name, f"'{name}' is not supported by Plexus yet", code="unsupported_parameter")
 
 
+MAX_LOGIT_BIAS = 1024  # entries
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: token ids (as strings) to a number in [-100, 100], added to that
+    token's logit before sampling (the ids are checked against the vocabulary with the prompt)."""
+    v = body.get("logit_bias")
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        raise _bad("logit_bias", "'logit_bias' must be an object mapping token ids to numbers")
+    if len(v) > MAX_LOGIT_BIAS:
+        raise _bad("logit_bias", f"'logit_bias' may have at most {MAX_LOGIT_BIAS} entries, got {len(v)}")
+    out = []
+    for key, bias in v.items():
+        if not (key.isascii() and key.isdigit()):
+            raise _bad("logit_bias", f"'logit_bias' keys must be token ids, got {json.dumps(key)}")
+        if not (isinstance(bias, (int, float)) and not isinstance(bias, bool)) or not -100 <= bias <= 100:
+            raise _bad("logit_bias", f"'logit_bias' values must be numbers between -100 and 100, got "
+                       f"{json.dumps(bias)} for token {key}")
+        out.append((int(key), float(bias)))
+    return tuple(sorted(out))
+
+
 def _stop(body: dict) -> tuple[str, ...]:
     v = body.get("stop")
     if v is None:
@@ -145,7 +169,6 @@ def _common(body: dict) -> dict:
     for name in ("presence_penalty", "frequency_penalty"):
         _number(body, name, -2.0, 2.0)
         _unsupported(body, name, (None, 0, 0.0))
-    _unsupported(body, "logit_bias", (None, {}))
     stream = bool(_bool(body, "stream"))
     opts = body.get("stream_options")
     include_usage = False
@@ -159,7 +182,8 @@ def _common(body: dict) -> dict:
         temperature = 0.0
     sampling = SamplingParams(
         max_tokens=0, temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if not top_p else top_p, top_k=max(top_k or 0, 0), seed=seed, stop=_stop(body))
+        top_p=1.0 if not top_p else top_p, top_k=max(top_k or 0, 0), seed=seed, stop=_stop(body),
+        logit_bias=_logit_bias(body))
     return dict(model=_model(body), sampling=sampling, stream=stream, include_usage=include_usage)
 
 
