@@ -131,25 +131,29 @@ def test_generate_prompts_file_batches_in_input_order(stories_dir, tmp_path, alo
 
 @torch.inference_mode()
 def test_runner_at_world_size_1_equals_generate(demo_tiny):
-    """Sequences joining while others decode, prompts longer than a chunk: each gets the tokens
+    """Sequences joining while others decode, prompts longer than a chunk, and prompts that start
+    like earlier ones (their whole chunks from the prefix cache): each gets the tokens
     ``Engine.generate`` gives it alone."""
     from plexus.engine.batch import BatchRunner
     from plexus.engine.engine import Engine
     from plexus.engine.sampling import SamplingParams
     from plexus.parallel.comm import Communicator
     from tests.test_batched_steps import PROMPTS as IDS
+    from tests.test_batched_steps import SECOND_TURNS
 
     engine = Engine.load(demo_tiny, Communicator.self_only(), "float32", max_context=64, max_batch=4)
     params = SamplingParams(max_tokens=10)
-    want = [list(engine.generate(ids, params)) for ids in IDS]
-    runner, seqs, todo = BatchRunner(engine, None, prefill_chunk=16), [], list(IDS)
-    while todo or runner.running:
-        while todo and runner.room and (seq := runner.add(todo[0], params)) is not None:
-            seqs.append(seq)
-            todo.pop(0)
-        runner.step()
+    want = [list(engine.generate(ids, params)) for ids in IDS + SECOND_TURNS]
+    runner, seqs = BatchRunner(engine, None, prefill_chunk=16), []
+    for todo in (list(IDS), list(SECOND_TURNS)):  # the second turns after the first ones are done
+        while todo or runner.running:
+            while todo and runner.room and (seq := runner.add(todo[0], params)) is not None:
+                seqs.append(seq)
+                todo.pop(0)
+            runner.step()
     assert [s.result.token_ids for s in seqs] == want
-    assert runner.room == 4
+    assert [s.reused for s in seqs[len(IDS):]] == [32, 16, 16]  # prompts that start like earlier ones
+    assert runner.room == 4 and engine.kv.used == 0 and engine.kv.reserved == 0
 
 
 @pytest.mark.timeout(300)
