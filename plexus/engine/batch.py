@@ -25,6 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
+from plexus.engine.constrain import Constraint
 from plexus.engine.engine import Completion, kv_positions
 from plexus.engine.kv import prefix_keys
 from plexus.engine.sampling import Sampler, SamplingParams
@@ -53,12 +56,14 @@ class Sequence:
     keys: list[bytes] = field(default_factory=list)  # prefix keys of its prompt's whole chunks' blocks
     reused: int = 0  # prompt tokens found in the prefix cache
     known: bool = False  # the other ranks hold its block table
+    logprobs_sent: int = 0  # entries of result.logprobs passed to on_text so far
     result: Completion = field(init=False)
 
     def __post_init__(self):
-        self.result = Completion(list(self.prompt_ids))
+        self.result = Completion(list(self.prompt_ids), logprobs=None if self.params.logprobs is None else [])
         self.sampler = Sampler(self.params)
         self.decoder: IncrementalDecoder | None = None
+        self.constraint: Constraint | None = None
         self.started = time.perf_counter()
 
     @property
@@ -94,6 +99,9 @@ class BatchRunner:
         self.engine.check_request(prompt_ids, params.max_tokens)
         if not self.room:
             raise RuntimeError("the batch is full (check room first)")
+        if params.grammar is not None and self.tokenizer is None:
+            raise PlexusError("constrained output needs the tokenizer")
+        constraint = Constraint(self.tokenizer, params.grammar) if params.grammar is not None else None
         n, c = len(prompt_ids), self.prefill_chunk
         keys = prefix_keys(prompt_ids, n // c * c // KV_BLOCK) if self.prefix_cache else []
         # whole chunks only, and never the last token: its logits are the first sample's
@@ -113,6 +121,7 @@ class BatchRunner:
         self._grow[seq.sid] = list(hits)
         if self.tokenizer is not None:
             seq.decoder = IncrementalDecoder(self.tokenizer, params.stop)
+        seq.constraint = constraint
         self.running.append(seq)
         return seq
 
@@ -184,7 +193,17 @@ class BatchRunner:
                 seq.known = False
 
     def _emit(self, seq: Sequence, logits, done: list) -> None:
+        raw = logits
+        if seq.constraint is not None:
+            logits = seq.constraint.mask(logits)
         token = seq.sampler(logits)
+        if seq.params.logprobs is not None:
+            lp = torch.log_softmax(raw.float(), -1)
+            top = torch.topk(lp, seq.params.logprobs) if seq.params.logprobs else None
+            seq.result.logprobs.append((token, float(lp[token]), [] if top is None else
+                                        list(zip(top.indices.tolist(), top.values.tolist()))))
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
         r = seq.result
         if r.ttft_s is None:
             r.ttft_s = time.perf_counter() - seq.started
@@ -195,10 +214,12 @@ class BatchRunner:
             reason = "stop"
         elif seq.decoder is not None:
             delta = seq.decoder.add(token)
-            if delta and seq.on_text:
-                seq.on_text(delta)
+            if delta:
+                self._text(seq, delta)
             if seq.decoder.stopped:
                 reason = "stop"
+        if reason is None and seq.constraint is not None and seq.constraint.finished:
+            reason = "stop"  # the grammar is complete
         if reason is None and len(r.token_ids) >= seq.params.max_tokens:
             reason = "length"
         if reason is None and seq.cancelled():
@@ -207,12 +228,25 @@ class BatchRunner:
             self._finish(seq, reason)
             done.append(seq)
 
+    @staticmethod
+    def _text(seq: Sequence, delta: str) -> None:
+        """Pass on a piece of text, with the log-probabilities of the tokens since the last piece
+        when the request asked for them (``on_text(delta, entries)``)."""
+        if seq.on_text is None:
+            return
+        if seq.result.logprobs is None:
+            seq.on_text(delta)
+            return
+        entries = seq.result.logprobs[seq.logprobs_sent:]
+        seq.logprobs_sent += len(entries)
+        seq.on_text(delta, entries)
+
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.result.finish_reason = reason
         if seq.decoder is not None:
             tail = seq.decoder.finish()
-            if tail and seq.on_text:
-                seq.on_text(tail)
+            if tail or (seq.result.logprobs or ())[seq.logprobs_sent:]:
+                self._text(seq, tail)
             seq.result.text = seq.decoder.text
         self.running.remove(seq)
         self.kv.release(seq.blocks)

@@ -17,6 +17,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before any choice
+    grammar: str | None = None  # constrained output (engine/constrain.py): llguidance's grammar text
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest (k <= 20)
 
 
 class Sampler:

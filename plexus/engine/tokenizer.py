@@ -89,7 +89,8 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         if not self.chat_template:
             raise PlexusError("this model has no chat_template in tokenizer_config.json; use a plain prompt")
         if not isinstance(messages, list) or not all(
@@ -106,13 +107,14 @@ class Tokenizer:
         try:
             return env.from_string(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "", tools=None)
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", tools=tools)
         except TemplateError as e:
             raise PlexusError(f"chat template failed: {e}") from None
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of a chat prompt; the template writes any BOS itself, as in transformers."""
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a chat prompt (``tools``: OpenAI's tool definitions, for templates that
+        render them); the template writes any BOS itself, as in transformers."""
+        return self.encode(self.apply_chat_template(messages, tools=tools), add_special_tokens=False)
 
 
 class IncrementalDecoder:

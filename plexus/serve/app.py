@@ -15,10 +15,12 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from plexus import __version__
+from plexus.engine.constrain import check_grammar, json_grammar
 from plexus.errors import PlexusError
 from plexus.log import get_logger
-from plexus.serve.openai_api import (APIError, chunk, model_card, new_id, now, parse_chat, parse_completion,
-                               parse_json, response, sse, usage_chunk)
+from plexus.serve.openai_api import (APIError, chunk, logprobs_of, model_card, new_id, now, parse_chat,
+                                    parse_completion, parse_json, response, sse, usage_chunk)
+from plexus.serve.openai_tools import StreamedCall, ToolPlan, message, parse_tools
 from plexus.serve.scheduler import OK, Job, Scheduler
 
 DEFAULT_MAX_BODY = 4 * 2**20  # bytes; a long chat history is far smaller
@@ -135,11 +137,12 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 def _complete(scheduler: Scheduler, model_name: str, kind: str):
     body = parse_json(request.get_data(cache=False))  # over MAX_CONTENT_LENGTH: 413 here
     req = parse_chat(body) if kind == "chat" else parse_completion(body)
+    plan = parse_tools(body) if kind == "chat" else ToolPlan()
     if req.model != model_name:
         raise APIError(404, f"model '{req.model}' does not exist; this server serves '{model_name}'",
                        param="model", code="model_not_found")
     scheduler.check_ready()
-    ids = _prompt_ids(scheduler, req)
+    ids = _prompt_ids(scheduler, req, plan.tools)
     max_tokens = _max_tokens(scheduler.engine.max_context, len(ids), req)
     try:
         scheduler.engine.check_request(ids, max_tokens)  # the vocabulary range of token-id prompts
@@ -150,27 +153,51 @@ def _complete(scheduler: Scheduler, model_name: str, kind: str):
     if outside:
         raise APIError(400, f"logit_bias names token {outside[0]}, outside the vocabulary (size {vocab})",
                        param="logit_bias")
-    job = Job(ids, replace(req.sampling, max_tokens=max_tokens), req.stream,
+    grammar = None
+    if plan.schema is not None:  # constrained output (engine/constrain.py)
+        try:
+            grammar = json_grammar(plan.schema)
+            check_grammar(scheduler.tokenizer, grammar)
+        except PlexusError as e:
+            raise APIError(400, str(e), param=plan.param) from None
+    job = Job(ids, replace(req.sampling, max_tokens=max_tokens, grammar=grammar), req.stream,
               request.environ.get("waitress.client_disconnected", lambda: False))
     scheduler.submit(job)
     rid, created = new_id(kind), now()
+    decode = scheduler.tokenizer.decode
     if not req.stream:
         result = _wait_for(job, ("done",))
-        return jsonify(response(kind, rid, created, model_name, result.text, result.finish_reason, len(ids),
-                                len(result.token_ids)))
+        msg, reason = message(plan, result.text, result.finish_reason)
+        return jsonify(response(kind, rid, created, model_name, result.text, reason, len(ids),
+                                len(result.token_ids), msg, logprobs_of(kind, result.logprobs, decode)))
     _wait_for(job, ("start",))  # errors while queued still get a real status code
 
     def events():
+        calls, pending, offset = StreamedCall(plan), [], 0
         try:
             if kind == "chat":
-                yield sse(chunk(kind, rid, created, model_name, "", True, None, req.include_usage))
+                yield sse(chunk(kind, rid, created, model_name, "" if plan.call is None else None, True, None,
+                                req.include_usage))
             while True:
                 what, value = job.events.get()
-                if what == "text":
-                    yield sse(chunk(kind, rid, created, model_name, value, False, None, req.include_usage))
+                if what == "logprobs":  # the tokens of the next text piece
+                    pending += value
+                    continue
+                lp = logprobs_of(kind, pending, decode, offset) if pending else None
+                pending = []
+                if what == "text" and kind == "chat":
+                    for i, delta in enumerate(calls.piece(value) or [{}] * bool(lp)):
+                        yield sse(chunk(kind, rid, created, model_name, None, False, None, req.include_usage, delta,
+                                        None if i else lp))
+                elif what == "text":
+                    yield sse(chunk(kind, rid, created, model_name, value, False, None, req.include_usage,
+                                    logprobs=lp))
+                    offset += len(value)
                 elif what == "done":
-                    yield sse(chunk(kind, rid, created, model_name, None, False, value.finish_reason,
-                                    req.include_usage))
+                    deltas, reason = calls.end(value.finish_reason) if kind == "chat" else ([], value.finish_reason)
+                    for delta in deltas:
+                        yield sse(chunk(kind, rid, created, model_name, None, False, None, req.include_usage, delta))
+                    yield sse(chunk(kind, rid, created, model_name, None, False, reason, req.include_usage))
                     if req.include_usage:
                         yield sse(usage_chunk(kind, rid, created, model_name, len(ids), len(value.token_ids)))
                     yield sse("[DONE]")
@@ -186,11 +213,11 @@ def _complete(scheduler: Scheduler, model_name: str, kind: str):
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _prompt_ids(scheduler: Scheduler, req) -> list[int]:
+def _prompt_ids(scheduler: Scheduler, req, tools=None) -> list[int]:
     tok = scheduler.tokenizer
     try:
         if req.kind == "chat":
-            return tok.encode_chat(req.messages)
+            return tok.encode_chat(req.messages, tools) if tools else tok.encode_chat(req.messages)
         return list(req.prompt) if isinstance(req.prompt, list) else tok.encode(req.prompt)
     except PlexusError as e:  # no chat template, or the template refused the messages
         raise APIError(400, str(e), param="messages" if req.kind == "chat" else "prompt") from None

@@ -3,8 +3,9 @@
 Plain functions with no Flask in them, so they are tested directly. Validation is strict about
 types (a bool is not an integer, "0.5" is not a number) so a client's mistake gets a 400 naming
 the field instead of a surprising answer. Fields Plexus does not use are ignored, as vLLM does,
-except those that would change the answer (``n`` > 1, ``logprobs``, ``tools``, penalties, ...):
-those get a clear 400 rather than being silently dropped.
+except those that would change the answer (``n`` > 1, ``echo``, penalties, ...): those get a
+clear 400 rather than being silently dropped. (``tools``, ``tool_choice`` and
+``response_format``: serve/openai_tools.py.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from plexus.engine.sampling import SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_TOP_LOGPROBS = 20
 INT64 = 2 ** 63
 
 
@@ -157,8 +159,9 @@ def _model(body: dict) -> str:
     return v
 
 
-def _common(body: dict) -> dict:
-    """Fields both endpoints share: sampling, n, stream, and the unsupported ones."""
+def _common(body: dict, logprobs: int | None = None) -> dict:
+    """Fields both endpoints share: sampling, n, stream, and the unsupported ones (``logprobs``:
+    the endpoint's own field, read by it)."""
     n = _int(body, "n", 1)
     if n not in (None, 1):
         raise _bad("n", f"'n' must be 1 (one choice per request), got {n}", code="unsupported_parameter")
@@ -183,7 +186,7 @@ def _common(body: dict) -> dict:
     sampling = SamplingParams(
         max_tokens=0, temperature=1.0 if temperature is None else temperature,
         top_p=1.0 if not top_p else top_p, top_k=max(top_k or 0, 0), seed=seed, stop=_stop(body),
-        logit_bias=_logit_bias(body))
+        logit_bias=_logit_bias(body), logprobs=logprobs)
     return dict(model=_model(body), sampling=sampling, stream=stream, include_usage=include_usage)
 
 
@@ -205,6 +208,33 @@ def _message_text(i: int, content: Any, role: str) -> str:
     raise _bad(f"messages[{i}].content", f"messages[{i}].content must be a string or a list of text parts")
 
 
+def _tool_fields(i: int, m: dict) -> dict:
+    """An assistant message's ``tool_calls`` or a tool message's ``tool_call_id``, checked and
+    passed on to the chat template (arguments as objects, as templates expect)."""
+    out = {}
+    if m.get("role") == "tool":
+        if not isinstance(m.get("tool_call_id"), str):
+            raise _bad(f"messages[{i}].tool_call_id", f"messages[{i}] (a tool result) needs a string 'tool_call_id'")
+        out["tool_call_id"] = m["tool_call_id"]
+    calls = m.get("tool_calls")
+    if calls is not None and m.get("role") == "assistant":
+        if not isinstance(calls, list):
+            raise _bad(f"messages[{i}].tool_calls", f"messages[{i}].tool_calls must be a list")
+        out["tool_calls"] = []
+        for j, c in enumerate(calls):
+            fn = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+                raise _bad(f"messages[{i}].tool_calls[{j}]", "a tool call needs function.name and function.arguments "
+                           "(a string)")
+            try:
+                args = json.loads(fn["arguments"])
+            except ValueError:
+                args = fn["arguments"]
+            out["tool_calls"].append({"id": c.get("id"), "type": "function",
+                                      "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
 def parse_chat(body: dict) -> ParsedRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -217,22 +247,19 @@ def parse_chat(body: dict) -> ParsedRequest:
         if role not in ROLES:
             raise _bad(f"messages[{i}].role", f"messages[{i}].role must be one of {', '.join(ROLES)}, "
                        f"got {json.dumps(role)}")
-        clean.append({"role": role, "content": _message_text(i, m.get("content"), role)})
-    for name in ("tools", "functions"):
-        _unsupported(body, name, (None, []))
-    _unsupported(body, "tool_choice", (None, "none"))
-    _unsupported(body, "logprobs", (None, False))
-    _unsupported(body, "top_logprobs", (None, 0))
-    rf = body.get("response_format")
-    if rf is not None and rf != {"type": "text"}:
-        raise _bad("response_format", "only response_format {\"type\": \"text\"} is supported",
-                   code="unsupported_parameter")
+        clean.append({"role": role, "content": _message_text(i, m.get("content"), role), **_tool_fields(i, m)})
+    # tools, tool_choice and response_format: serve/openai_tools.py
+    logprobs = _bool(body, "logprobs")
+    top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top and not logprobs:
+        raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
     max_tokens = _int(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", 1)
     else:
         _int(body, "max_tokens", 1)
-    return ParsedRequest("chat", messages=clean, max_tokens=max_tokens, **_common(body))
+    return ParsedRequest("chat", messages=clean, max_tokens=max_tokens,
+                         **_common(body, (top or 0) if logprobs else None))
 
 
 def _prompt(body: dict) -> str | list[int]:
@@ -254,12 +281,12 @@ def parse_completion(body: dict) -> ParsedRequest:
     prompt = _prompt(body)
     _unsupported(body, "echo", (None, False))
     _unsupported(body, "suffix", (None, ""))
-    _unsupported(body, "logprobs", (None, 0))
+    logprobs = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
     best_of = _int(body, "best_of", 1)
     if best_of not in (None, 1):
         raise _bad("best_of", "'best_of' must be 1", code="unsupported_parameter")
     return ParsedRequest("completion", prompt=prompt, max_tokens=_int(body, "max_tokens", 1),
-                         **_common(body))
+                         **_common(body, logprobs))
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -273,32 +300,59 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def response(kind: str, rid: str, created: int, model: str, text: str, finish_reason: str,
-             prompt_tokens: int, completion_tokens: int) -> dict:
+def logprobs_of(kind: str, entries: list | None, decode, offset: int = 0) -> dict | None:
+    """OpenAI's ``logprobs`` of a choice (or a chunk) for Completion.logprobs entries; ``decode``
+    turns one token id into its text; ``offset``: where the entries' text starts (completions)."""
+    if entries is None:
+        return None
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                  "logprobs": None, "finish_reason": finish_reason}
+        def item(i, lp):
+            s = decode([i])
+            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        return {"content": [{**item(t, lp), "top_logprobs": [item(i, x) for i, x in top]} for t, lp, top in entries],
+                "refusal": None}
+    tokens = [decode([t]) for t, _, _ in entries]
+    offsets = [offset + sum(len(s) for s in tokens[:k]) for k in range(len(tokens))]
+    tops = []
+    for _, _, top in entries:  # keyed by text: where two tokens read the same, the likelier one
+        d = {}
+        for i, x in top:
+            d.setdefault(decode([i]), x)
+        tops.append(d)
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def response(kind: str, rid: str, created: int, model: str, text: str, finish_reason: str,
+             prompt_tokens: int, completion_tokens: int, message: dict | None = None,
+             logprobs: dict | None = None) -> dict:
+    """``message``: the chat message instead of the text (tool calls, serve/openai_tools.py)."""
+    if kind == "chat":
+        choice = {"index": 0, "message": message or {"role": "assistant", "content": text, "refusal": None},
+                  "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
             "usage": usage(prompt_tokens, completion_tokens), "system_fingerprint": None}
 
 
 def chunk(kind: str, rid: str, created: int, model: str, text: str | None = None, first: bool = False,
-          finish_reason: str | None = None, with_usage_field: bool = False) -> dict:
-    """One streamed delta: the role first (chat), then text pieces, then the finish reason."""
+          finish_reason: str | None = None, with_usage_field: bool = False, delta: dict | None = None,
+          logprobs: dict | None = None) -> dict:
+    """One streamed delta: the role first (chat), then text pieces (or ``delta``s: tool calls),
+    then the finish reason."""
     if kind == "chat":
-        delta = {}
+        delta = dict(delta or {})
         if first:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
     out = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
            "system_fingerprint": None}

@@ -51,7 +51,9 @@ class Job:
     def gone(self) -> bool:
         return self.abandoned.is_set() or self.client_gone()
 
-    def put_text(self, text: str) -> None:
+    def put_text(self, text: str, logprobs: list | None = None) -> None:
+        if logprobs:
+            self.events.put(("logprobs", logprobs))  # the tokens of the text that follows
         self.events.put(("text", text))
 
     def finish(self, kind: str, value) -> bool:
