@@ -217,7 +217,7 @@ class BatchRunner:
             if delta:
                 self._text(seq, delta)
             if seq.decoder.stopped:
-                reason = "stop"
+                reason, r.stop_sequence = "stop", seq.decoder.matched
         if reason is None and seq.constraint is not None and seq.constraint.finished:
             reason = "stop"  # the grammar is complete
         if reason is None and len(r.token_ids) >= seq.params.max_tokens:

@@ -132,6 +132,7 @@ class Completion:
     text: str = ""
     finish_reason: str = "length"  # "stop" (EOS or stop string), "length", or "cancelled"
     ttft_s: float | None = None
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
     # with SamplingParams.logprobs: per generated token (id, log-probability, [(id, log-probability)
     # of the most likely ones]), from the model's own distribution (before bias or constraints)
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None

@@ -126,16 +126,17 @@ class IncrementalDecoder:
         self.ids: list[int] = []
         self.text = ""  # text released so far
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended it
 
     def add(self, token_id: int) -> str:
         """Append one id; return the newly released text (may be empty)."""
         self.ids.append(token_id)
         full = self.tokenizer.decode(self.ids)
-        for s in self.stop:
-            at = full.find(s)
-            if at != -1:
-                self.stopped = True
-                full = full[:at]
+        hits = [(full.find(s), i) for i, s in enumerate(self.stop) if s in full]
+        if hits:
+            at, i = min(hits)  # the first to appear
+            self.stopped, self.matched = True, self.stop[i]
+            full = full[:at]
         if not self.stopped:
             if full.endswith("\ufffd"):
                 return ""

@@ -8,7 +8,9 @@ ranks and plexus.serve.http runs it under waitress.
 from __future__ import annotations
 
 import hmac
+import json
 import queue
+import uuid
 from dataclasses import replace
 
 from flask import Flask, Response, jsonify, request
@@ -20,7 +22,8 @@ from plexus.errors import PlexusError
 from plexus.log import get_logger
 from plexus.serve.openai_api import (APIError, chunk, logprobs_of, model_card, new_id, now, parse_chat,
                                     parse_completion, parse_json, response, sse, usage_chunk)
-from plexus.serve.openai_tools import StreamedCall, ToolPlan, message, parse_tools
+from plexus.serve import anthropic_api as anthropic
+from plexus.serve.openai_tools import StreamedCall, ToolPlan, message, parse_tools, tool_call
 from plexus.serve.scheduler import OK, Job, Scheduler
 
 DEFAULT_MAX_BODY = 4 * 2**20  # bytes; a long chat history is far smaller
@@ -43,10 +46,10 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
             return
         if api_key is not None:
             auth = request.headers.get("Authorization", "")
-            given = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+            given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
             if given is None:
-                raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                               code="missing_api_key")
+                raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>' "
+                               "(or 'x-api-key: <key>')", code="missing_api_key")
             if not hmac.compare_digest(given.encode(), api_key.encode()):
                 raise APIError(401, "incorrect API key", code="invalid_api_key")
         trust = request.headers.get("X-Plexus-Trust", "fast").strip().lower()
@@ -65,7 +68,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
     @app.errorhandler(APIError)
     def api_error(e: APIError):
-        resp = jsonify(e.body())
+        resp = jsonify(anthropic.error_body(e) if request.path.startswith("/v1/messages") else e.body())
         resp.status_code = e.status
         resp.headers.update(e.headers)
         if e.status == 401:
@@ -128,6 +131,16 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     @app.post("/v1/completions")
     def completions():
         return _complete(scheduler, model_name, "completion")
+
+    @app.post("/v1/messages")
+    def messages():
+        return _messages(scheduler, model_name)
+
+    @app.post("/v1/messages/count_tokens")
+    def count_tokens():
+        req = anthropic.parse_messages(parse_json(request.get_data(cache=False)), count_only=True)
+        scheduler.check_ready()
+        return jsonify({"input_tokens": len(_chat_ids(scheduler, req.messages, req.plan.tools))})
 
     return app
 
@@ -208,6 +221,98 @@ def _complete(scheduler: Scheduler, model_name: str, kind: str):
         finally:
             if not job.finished:
                 job.abandoned.set()  # the client went away: stop generating for it
+
+    return Response(events(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---- one Anthropic Messages request ----------------------------------------------------------------
+
+def _chat_ids(scheduler: Scheduler, messages: list[dict], tools) -> list[int]:
+    try:
+        tok = scheduler.tokenizer
+        return tok.encode_chat(messages, tools) if tools else tok.encode_chat(messages)
+    except PlexusError as e:
+        raise APIError(400, str(e), param="messages") from None
+
+
+def _messages(scheduler: Scheduler, model_name: str):
+    req = anthropic.parse_messages(parse_json(request.get_data(cache=False)))
+    if req.model != model_name:
+        raise APIError(404, f"model '{req.model}' does not exist; this server serves '{model_name}'", param="model")
+    scheduler.check_ready()
+    ids, plan = _chat_ids(scheduler, req.messages, req.plan.tools), req.plan
+    try:
+        scheduler.engine.check_request(ids, req.max_tokens)
+        grammar = json_grammar(plan.schema) if plan.schema is not None else None
+        if grammar is not None:
+            check_grammar(scheduler.tokenizer, grammar)
+    except PlexusError as e:
+        raise APIError(400, str(e), param="max_tokens") from None
+    job = Job(ids, replace(req.sampling, grammar=grammar), req.stream,
+              request.environ.get("waitress.client_disconnected", lambda: False))
+    scheduler.submit(job)
+    rid = anthropic.message_id()
+
+    def finished(result):
+        call = tool_call(plan, result.text) if plan.call and result.finish_reason == "stop" else None
+        return call, anthropic.stop_reason(result.finish_reason, result.stop_sequence, call is not None)
+
+    if not req.stream:
+        result = _wait_for(job, ("done",))
+        call, reason = finished(result)
+        return jsonify(anthropic.message(rid, model_name, anthropic.content_blocks(result.text, call), reason,
+                                         result.stop_sequence, len(ids), len(result.token_ids)))
+    _wait_for(job, ("start",))
+    ev = anthropic.event
+
+    def block_start(block):
+        return ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+
+    def delta(d):
+        return ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d})
+
+    def events():
+        text = ""
+        try:
+            yield ev("message_start", {"type": "message_start",
+                                       "message": anthropic.message(rid, model_name, [], None, None, len(ids), 0)})
+            if plan.call is None:
+                yield block_start({"type": "text", "text": ""})
+            elif plan.call == "named":
+                yield block_start({"type": "tool_use", "id": "toolu_" + uuid.uuid4().hex[:24], "name": plan.name,
+                                   "input": {}})
+            yield ev("ping", {"type": "ping"})
+            while True:
+                what, value = job.events.get()
+                if what == "text":
+                    text += value
+                    if plan.call is None:
+                        yield delta({"type": "text_delta", "text": value})
+                    elif plan.call == "named":
+                        yield delta({"type": "input_json_delta", "partial_json": value})
+                elif what == "done":
+                    call, reason = finished(value)
+                    if plan.call == "any":  # its name is known now: the whole block at once
+                        (block,) = anthropic.content_blocks(value.text, call)
+                        if block["type"] == "tool_use":
+                            yield block_start({**block, "input": {}})
+                            yield delta({"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
+                        else:
+                            yield block_start({"type": "text", "text": ""})
+                            yield delta({"type": "text_delta", "text": value.text})
+                    yield ev("content_block_stop", {"type": "content_block_stop", "index": 0})
+                    yield ev("message_delta", {"type": "message_delta", "delta": {
+                        "stop_reason": reason, "stop_sequence": value.stop_sequence},
+                        "usage": {"output_tokens": len(value.token_ids)}})
+                    yield ev("message_stop", {"type": "message_stop"})
+                    return
+                elif what == "error":
+                    yield ev("error", anthropic.error_body(value))
+                    return
+        finally:
+            if not job.finished:
+                job.abandoned.set()
 
     return Response(events(), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
