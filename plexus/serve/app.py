@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import queue
 import uuid
 from dataclasses import replace
 
@@ -17,13 +16,14 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from plexus import __version__
-from plexus.engine.constrain import check_grammar, json_grammar
 from plexus.errors import PlexusError
 from plexus.log import get_logger
 from plexus.serve.openai_api import (APIError, chunk, logprobs_of, model_card, new_id, now, parse_chat,
                                     parse_completion, parse_json, response, sse, usage_chunk)
 from plexus.serve import anthropic_api as anthropic
+from plexus.serve import ollama
 from plexus.serve.openai_tools import StreamedCall, ToolPlan, message, parse_tools, tool_call
+from plexus.serve.pipeline import chat_ids, grammar_for, wait_for
 from plexus.serve.scheduler import OK, Job, Scheduler
 
 DEFAULT_MAX_BODY = 4 * 2**20  # bytes; a long chat history is far smaller
@@ -42,7 +42,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
     @app.before_request
     def guard():
-        if not request.path.startswith("/v1/"):
+        if not request.path.startswith(("/v1/", "/api/")):
             return
         if api_key is not None:
             auth = request.headers.get("Authorization", "")
@@ -68,7 +68,10 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
     @app.errorhandler(APIError)
     def api_error(e: APIError):
-        resp = jsonify(anthropic.error_body(e) if request.path.startswith("/v1/messages") else e.body())
+        if request.path.startswith("/api/"):  # Ollama's shape
+            resp = jsonify({"error": e.message})
+        else:
+            resp = jsonify(anthropic.error_body(e) if request.path.startswith("/v1/messages") else e.body())
         resp.status_code = e.status
         resp.headers.update(e.headers)
         if e.status == 401:
@@ -132,6 +135,8 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     def completions():
         return _complete(scheduler, model_name, "completion")
 
+    ollama.register(app, scheduler, model_name)
+
     @app.post("/v1/messages")
     def messages():
         return _messages(scheduler, model_name)
@@ -140,7 +145,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     def count_tokens():
         req = anthropic.parse_messages(parse_json(request.get_data(cache=False)), count_only=True)
         scheduler.check_ready()
-        return jsonify({"input_tokens": len(_chat_ids(scheduler, req.messages, req.plan.tools))})
+        return jsonify({"input_tokens": len(chat_ids(scheduler, req.messages, req.plan.tools))})
 
     return app
 
@@ -166,24 +171,18 @@ def _complete(scheduler: Scheduler, model_name: str, kind: str):
     if outside:
         raise APIError(400, f"logit_bias names token {outside[0]}, outside the vocabulary (size {vocab})",
                        param="logit_bias")
-    grammar = None
-    if plan.schema is not None:  # constrained output (engine/constrain.py)
-        try:
-            grammar = json_grammar(plan.schema)
-            check_grammar(scheduler.tokenizer, grammar)
-        except PlexusError as e:
-            raise APIError(400, str(e), param=plan.param) from None
+    grammar = grammar_for(scheduler, plan.schema, plan.param)  # constrained output (engine/constrain.py)
     job = Job(ids, replace(req.sampling, max_tokens=max_tokens, grammar=grammar), req.stream,
               request.environ.get("waitress.client_disconnected", lambda: False))
     scheduler.submit(job)
     rid, created = new_id(kind), now()
     decode = scheduler.tokenizer.decode
     if not req.stream:
-        result = _wait_for(job, ("done",))
+        result = wait_for(job, ("done",))
         msg, reason = message(plan, result.text, result.finish_reason)
         return jsonify(response(kind, rid, created, model_name, result.text, reason, len(ids),
                                 len(result.token_ids), msg, logprobs_of(kind, result.logprobs, decode)))
-    _wait_for(job, ("start",))  # errors while queued still get a real status code
+    wait_for(job, ("start",))  # errors while queued still get a real status code
 
     def events():
         calls, pending, offset = StreamedCall(plan), [], 0
@@ -228,27 +227,17 @@ def _complete(scheduler: Scheduler, model_name: str, kind: str):
 
 # ---- one Anthropic Messages request ----------------------------------------------------------------
 
-def _chat_ids(scheduler: Scheduler, messages: list[dict], tools) -> list[int]:
-    try:
-        tok = scheduler.tokenizer
-        return tok.encode_chat(messages, tools) if tools else tok.encode_chat(messages)
-    except PlexusError as e:
-        raise APIError(400, str(e), param="messages") from None
-
-
 def _messages(scheduler: Scheduler, model_name: str):
     req = anthropic.parse_messages(parse_json(request.get_data(cache=False)))
     if req.model != model_name:
         raise APIError(404, f"model '{req.model}' does not exist; this server serves '{model_name}'", param="model")
     scheduler.check_ready()
-    ids, plan = _chat_ids(scheduler, req.messages, req.plan.tools), req.plan
+    ids, plan = chat_ids(scheduler, req.messages, req.plan.tools), req.plan
     try:
         scheduler.engine.check_request(ids, req.max_tokens)
-        grammar = json_grammar(plan.schema) if plan.schema is not None else None
-        if grammar is not None:
-            check_grammar(scheduler.tokenizer, grammar)
     except PlexusError as e:
         raise APIError(400, str(e), param="max_tokens") from None
+    grammar = grammar_for(scheduler, plan.schema, "tools")
     job = Job(ids, replace(req.sampling, grammar=grammar), req.stream,
               request.environ.get("waitress.client_disconnected", lambda: False))
     scheduler.submit(job)
@@ -259,11 +248,11 @@ def _messages(scheduler: Scheduler, model_name: str):
         return call, anthropic.stop_reason(result.finish_reason, result.stop_sequence, call is not None)
 
     if not req.stream:
-        result = _wait_for(job, ("done",))
+        result = wait_for(job, ("done",))
         call, reason = finished(result)
         return jsonify(anthropic.message(rid, model_name, anthropic.content_blocks(result.text, call), reason,
                                          result.stop_sequence, len(ids), len(result.token_ids)))
-    _wait_for(job, ("start",))
+    wait_for(job, ("start",))
     ev = anthropic.event
 
     def block_start(block):
@@ -342,17 +331,3 @@ def _max_tokens(context: int, prompt_len: int, req) -> int:
     return n
 
 
-def _wait_for(job: Job, kinds: tuple[str, ...]):
-    """Block until one of ``kinds`` (or the job's error) arrives; the scheduler always posts a
-    terminal event, also when the mesh fails or the server stops."""
-    while True:
-        try:
-            what, value = job.events.get(timeout=1.0)
-        except queue.Empty:
-            if job.client_gone():
-                job.abandoned.set()
-            continue
-        if what == "error":
-            raise value
-        if what in kinds:
-            return value
