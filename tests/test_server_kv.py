@@ -88,3 +88,29 @@ def test_a_full_pool_evicts_the_oldest_prefix_and_answers_stay_right():
     assert engine.kv.evictions > 0
     assert _metric(client, "plexus_prefix_cache_hit_tokens_total") == 0  # "a..." was evicted before its return
     sched.stop()
+
+
+def test_cors_is_off_by_default_and_on_for_the_listed_origins():
+    from plexus.serve.app import create_app
+
+    sched = Scheduler(world_size=1, stall_timeout=0, ping_interval=0.05)
+    closed = create_app(sched, MODEL, api_key="k").test_client()
+    pre = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization, content-type"}
+    assert closed.options("/v1/chat/completions", headers=pre).status_code == 403
+    r = closed.get("/health", headers={"Origin": "http://app.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+    open_ = create_app(sched, MODEL, api_key="k", cors_origins=("http://app.example",)).test_client()
+    r = open_.options("/v1/chat/completions", headers=pre)  # the preflight carries no key
+    assert r.status_code == 204 and r.headers["Access-Control-Allow-Origin"] == "http://app.example"
+    assert "POST" in r.headers["Access-Control-Allow-Methods"]
+    assert "authorization" in r.headers["Access-Control-Allow-Headers"].lower()
+    r = open_.get("/v1/models", headers={"Origin": "http://app.example", "Authorization": "Bearer k"})
+    assert r.headers["Access-Control-Allow-Origin"] == "http://app.example"
+    r = open_.get("/v1/models", headers={"Origin": "http://evil.example", "Authorization": "Bearer k"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+    assert open_.options("/v1/models", headers={**pre, "Origin": "http://evil.example"}).status_code == 403
+    r = open_.get("/v1/models", headers={"Origin": "http://app.example"})  # the key is still wanted
+    assert r.status_code == 401 and r.headers["Access-Control-Allow-Origin"] == "http://app.example"
+    anyone = create_app(sched, MODEL, cors_origins=("*",)).test_client()
+    assert anyone.get("/health", headers={"Origin": "http://x"}).headers["Access-Control-Allow-Origin"] == "*"

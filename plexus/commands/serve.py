@@ -15,6 +15,8 @@ from plexus.serve.app import DEFAULT_MAX_BODY
 @click.option("--api-key", envvar="PLEXUS_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1/* (default: $PLEXUS_API_KEY; none: open).")
 @click.option("--served-model-name", default=None, help="Model id clients send (default: the directory's name).")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="A browser origin allowed to call the API (repeatable; '*' for any); default: none (CORS off).")
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=DEFAULT_MAX_BODY, show_default=True,
               help="Larger request bodies get 413.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
@@ -41,7 +43,7 @@ from plexus.serve.app import DEFAULT_MAX_BODY
               help="Declare the mesh dead when a step makes no progress this long (0: never).")
 @tokenizer_option
 def serve(model, dtype, device, threads, max_context, split, max_memory, verbose, host, port, api_key,
-          served_model_name, max_body_bytes, max_batch, kv_tokens, prefix_cache, max_queue, queue_timeout,
+          served_model_name, cors_origins, max_body_bytes, max_batch, kv_tokens, prefix_cache, max_queue, queue_timeout,
           prefill_chunk, http_threads, drain_timeout, stall_timeout, quantize, quant_group, tokenizer_dir):
     """Serve an OpenAI-compatible HTTP API from rank 0 (run under mpirun; see docs/api.md)."""
     from plexus.engine.runtime import run_guarded, start
@@ -60,7 +62,7 @@ def serve(model, dtype, device, threads, max_context, split, max_memory, verbose
                         stall_timeout=stall_timeout, quantize=quantize, quant_group=quant_group,
                         tokenizer=tokenizer_dir, max_batch=max_batch, max_queue=max_queue,
                         queue_timeout=queue_timeout, prefill_chunk=prefill_chunk, kv_tokens=kv_tokens,
-                        prefix_cache=prefix_cache)
+                        prefix_cache=prefix_cache, cors_origins=tuple(cors_origins))
     state = {}
 
     def body():

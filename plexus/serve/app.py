@@ -31,17 +31,35 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 TRUST_LEVELS = ("fast", "verified", "attested")
 
 
+CORS_HEADERS = "Authorization, Content-Type, x-api-key, anthropic-version, anthropic-beta, X-Plexus-Trust"
+
+
 def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY) -> Flask:
-    """The OpenAI-compatible app over ``scheduler``; every answer, errors included, is JSON."""
+               max_body_bytes: int = DEFAULT_MAX_BODY, cors_origins: tuple[str, ...] = ()) -> Flask:
+    """The OpenAI-compatible app over ``scheduler``; every answer, errors included, is JSON.
+    ``cors_origins``: the browser origins allowed to call it ("*": any); none by default."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.json.sort_keys = False  # OpenAI's field order, easier to read in curl output
     created = now()
     log = get_logger()
 
+    def allowed_origin() -> str | None:
+        origin = request.headers.get("Origin")
+        if origin and ("*" in cors_origins or origin in cors_origins):
+            return "*" if "*" in cors_origins else origin
+        return None
+
     @app.before_request
     def guard():
+        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+            origin = allowed_origin()  # a browser's preflight: answered before any key is asked for
+            if origin is None:
+                return Response(status=403)
+            return Response(status=204, headers={"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                                                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                                                 "Access-Control-Allow-Headers": CORS_HEADERS,
+                                                 "Access-Control-Max-Age": "600"})
         if not request.path.startswith(("/v1/", "/api/")):
             return
         if api_key is not None:
@@ -64,6 +82,11 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     def count(resp):
         route = request.url_rule.rule if request.url_rule else "unmatched"
         scheduler.metrics.requests.labels(route, str(resp.status_code)).inc()
+        origin = allowed_origin()
+        if origin is not None and "Access-Control-Allow-Origin" not in resp.headers:
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Expose-Headers"] = "Retry-After"
+            resp.headers.add("Vary", "Origin")
         return resp
 
     @app.errorhandler(APIError)

@@ -65,6 +65,7 @@ class ServeOptions:
     prefill_chunk: int = 32
     kv_tokens: int | None = None  # None: max_context x max_batch, or what the memory holds
     prefix_cache: bool = True
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed (--cors-origin); none: CORS off
     tokenizer: str | None = None  # --tokenizer: instead of the model's own
 
 
@@ -152,7 +153,7 @@ def run_serve(rt, opts: ServeOptions, signals: Signals) -> int:
             scheduler = Scheduler(comm.size, opts.stall_timeout, max_queue=opts.max_queue, max_batch=opts.max_batch,
                                   queue_timeout=opts.queue_timeout, prefill_chunk=opts.prefill_chunk,
                                   prefix_cache=opts.prefix_cache)
-            app = create_app(scheduler, name, opts.api_key, opts.max_body_bytes)
+            app = create_app(scheduler, name, opts.api_key, opts.max_body_bytes, opts.cors_origins)
             http = HttpServer(app, opts.host, opts.port, opts.http_threads, opts.max_body_bytes)
     except PlexusError as e:
         error = str(e)
