@@ -21,7 +21,7 @@ from plexus.log import get_logger
 from plexus.serve.openai_api import (APIError, chunk, logprobs_of, model_card, new_id, now, parse_chat,
                                     parse_completion, parse_json, response, sse, usage_chunk)
 from plexus.serve import anthropic_api as anthropic
-from plexus.serve import ollama
+from plexus.serve import ollama, responses_api
 from plexus.serve.openai_tools import StreamedCall, ToolPlan, message, parse_tools, tool_call
 from plexus.serve.pipeline import chat_ids, grammar_for, wait_for
 from plexus.serve.scheduler import OK, Job, Scheduler
@@ -159,6 +159,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         return _complete(scheduler, model_name, "completion")
 
     ollama.register(app, scheduler, model_name)
+    responses_api.register(app, scheduler, model_name)
 
     @app.post("/v1/messages")
     def messages():
