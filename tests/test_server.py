@@ -42,7 +42,7 @@ class FakeTokenizer:
     def encode(self, text, add_special_tokens=True):
         return ([BOS] if add_special_tokens else []) + [ord(c) + 3 for c in text]
 
-    def encode_chat(self, messages):
+    def encode_chat(self, messages, tools=None):
         return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
 
     def decode(self, ids):
@@ -237,7 +237,8 @@ BAD_REQUESTS = [
      "temperature"),
     ("top_p above one", "POST", "/v1/completions", _with(COMP, top_p=1.5), {}, 400, "top_p"),
     ("seed not integer", "POST", "/v1/completions", _with(COMP, seed=1.5), {}, 400, "seed"),
-    ("n is two", "POST", "/v1/chat/completions", _with(CHAT, n=2), {}, 400, "n"),
+    ("n over 16", "POST", "/v1/chat/completions", _with(CHAT, n=17), {}, 400, "n"),
+    ("n zero", "POST", "/v1/completions", _with(COMP, n=0), {}, 400, "n"),
     ("stop not strings", "POST", "/v1/completions", _with(COMP, stop=[1, 2]), {}, 400, "stop"),
     ("five stops", "POST", "/v1/completions", _with(COMP, stop=list("abcde")), {}, 400, "stop"),
     ("stream not bool", "POST", "/v1/chat/completions", _with(CHAT, stream="yes"), {}, 400, "stream"),

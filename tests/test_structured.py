@@ -137,7 +137,7 @@ def test_bad_structured_requests_are_400_naming_the_field(port, body, param):
 
 def test_parse_tools_and_the_stream_shapes():
     plan = parse_tools({"tools": TOOLS})
-    assert plan.call is None and plan.schema is None and plan.tools[0]["function"]["name"] == "get_weather"
+    assert plan.call == "auto" and plan.schema is None and plan.tools[0]["function"]["name"] == "get_weather"
     assert parse_tools({"tools": TOOLS, "tool_choice": "none"}).tools is None
     plan = parse_tools({"tools": TOOLS, "tool_choice": "required"})
     assert plan.call == "any" and len(plan.schema["anyOf"]) == 2
@@ -176,3 +176,49 @@ def test_logprobs_are_well_formed_and_greedy_picks_the_top_one(port):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
     assert all(len(t) <= 3 and max(t.values()) == x for t, x in zip(lp.top_logprobs, lp.token_logprobs))
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+NAMES = {"get_weather", "add"}
+
+
+@pytest.mark.parametrize("text,content,calls", [
+    # Hermes / Qwen 2.5: <tool_call> blocks, text around them kept
+    ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"location": "Paris", "unit": "celsius"}}\n'
+     '</tool_call>', "Let me check.", [("get_weather", {"location": "Paris", "unit": "celsius"})]),
+    ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n<tool_call>{"name": "add", '
+     '"arguments": {"a": 3, "b": 4}}</tool_call>', "", [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
+    # Llama 3.1: the whole message one JSON object with "parameters"
+    ('{"name": "add", "parameters": {"a": 5, "b": 6}}', "", [("add", {"a": 5, "b": 6})]),
+    # Mistral: [TOOL_CALLS] and a list
+    ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"location": "Rome", "unit": "fahrenheit"}}]', "",
+     [("get_weather", {"location": "Rome", "unit": "fahrenheit"})]),
+    # not calls: plain text, JSON that names no tool, broken markup
+    ("The weather is fine.", "The weather is fine.", []),
+    ('{"name": "rm_rf", "parameters": {}}', '{"name": "rm_rf", "parameters": {}}', []),
+    ('<tool_call>{"name": "add", "arguments": {"a": 1</tool_call>', '<tool_call>{"name": "add", "arguments": {"a": 1'
+     '</tool_call>', []),
+])
+def test_a_models_own_tool_call_markup_is_read(text, content, calls):
+    from plexus.serve.openai_tools import parse_calls
+
+    got_content, got = parse_calls(text, NAMES)
+    assert got_content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got] == calls
+
+
+def test_auto_streams_text_and_holds_what_may_be_a_call():
+    plan = parse_tools({"tools": TOOLS})
+    assert plan.call == "auto"
+    s = StreamedCall(plan)
+    out = s.piece("Let me ") + s.piece("check. <tool") + s.piece('_call>{"name": "add", ') + s.piece(
+        '"arguments": {"a": 1, "b": 2}}</tool_call>')
+    assert "".join(d.get("content", "") for d in out) == "Let me check. "  # the marker's start was held back
+    deltas, reason = s.end("stop")
+    assert reason == "tool_calls" and deltas[-1]["tool_calls"][0]["function"]["name"] == "add"
+    s = StreamedCall(plan)
+    assert s.piece('{"name"') == [] and s.piece(': "add", "parameters": {"a": 1, "b": 2}}') == []
+    assert s.end("stop")[1] == "tool_calls"
+    s = StreamedCall(plan)
+    assert s.piece("Plain ") == [{"content": "Plain "}] and s.end("stop") == ([], "stop")
+    s = StreamedCall(plan)
+    assert s.piece("{not json") == [] and s.end("length") == ([{"content": "{not json"}], "length")

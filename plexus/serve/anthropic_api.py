@@ -162,12 +162,12 @@ def stop_reason(finish_reason: str, stop_sequence: str | None, called: bool) -> 
     return "stop_sequence" if stop_sequence else "end_turn"
 
 
-def content_blocks(text: str, call: dict | None) -> list[dict]:
-    """The answer's blocks: its text, or its tool call (OpenAI's shape from openai_tools)."""
-    if call is not None:
-        return [{"type": "tool_use", "id": "toolu_" + call["id"][5:], "name": call["function"]["name"],
-                 "input": json.loads(call["function"]["arguments"])}]
-    return [{"type": "text", "text": text}]
+def content_blocks(text: str, calls: list[dict]) -> list[dict]:
+    """The answer's blocks: its text (when there is some, or nothing else), then its tool calls
+    (OpenAI's shape from openai_tools) as tool_use blocks."""
+    uses = [{"type": "tool_use", "id": "toolu_" + c["id"][5:], "name": c["function"]["name"],
+             "input": json.loads(c["function"]["arguments"])} for c in calls]
+    return ([{"type": "text", "text": text}] if text or not uses else []) + uses
 
 
 def message(rid: str, model: str, content: list[dict], reason: str | None, stop_sequence: str | None,

@@ -1,33 +1,29 @@
-"""The OpenAI-compatible Flask app of ``plexus serve`` (rank 0 only).
+"""The Flask app of ``plexus serve`` (rank 0 only): the routes of every surface (OpenAI chat and
+completions, Responses, Anthropic Messages, Ollama), the API key, CORS, and errors in each
+surface's shape.
 
 ``create_app`` takes a Scheduler (plexus.serve.scheduler) and nothing MPI-specific, so the app
 is tested with ``app.test_client()`` and a fake engine; plexus.serve.lifecycle wires it to the
-ranks and plexus.serve.http runs it under waitress.
+ranks and plexus.serve.http runs it under waitress. A request's own work is in
+serve/openai_run.py, serve/anthropic_run.py, serve/responses_api.py and serve/ollama.py.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
-import uuid
-from dataclasses import replace
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from plexus import __version__
-from plexus.errors import PlexusError
 from plexus.log import get_logger
-from plexus.serve.openai_api import (APIError, chunk, logprobs_of, model_card, new_id, now, parse_chat,
-                                    parse_completion, parse_json, response, sse, usage_chunk)
 from plexus.serve import anthropic_api as anthropic
-from plexus.serve import ollama, responses_api
-from plexus.serve.openai_tools import StreamedCall, ToolPlan, message, parse_tools, tool_call
-from plexus.serve.pipeline import chat_ids, grammar_for, wait_for
-from plexus.serve.scheduler import OK, Job, Scheduler
+from plexus.serve import anthropic_run, ollama, openai_run, responses_api
+from plexus.serve.openai_api import APIError, model_card, now, parse_json
+from plexus.serve.pipeline import chat_ids
+from plexus.serve.scheduler import OK, Scheduler
 
 DEFAULT_MAX_BODY = 4 * 2**20  # bytes; a long chat history is far smaller
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 TRUST_LEVELS = ("fast", "verified", "attested")
 
 
@@ -152,18 +148,18 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
     @app.post("/v1/chat/completions")
     def chat_completions():
-        return _complete(scheduler, model_name, "chat")
+        return openai_run.complete(scheduler, model_name, "chat")
 
     @app.post("/v1/completions")
     def completions():
-        return _complete(scheduler, model_name, "completion")
+        return openai_run.complete(scheduler, model_name, "completion")
 
     ollama.register(app, scheduler, model_name)
     responses_api.register(app, scheduler, model_name)
 
     @app.post("/v1/messages")
     def messages():
-        return _messages(scheduler, model_name)
+        return anthropic_run.messages(scheduler, model_name)
 
     @app.post("/v1/messages/count_tokens")
     def count_tokens():
@@ -172,186 +168,5 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         return jsonify({"input_tokens": len(chat_ids(scheduler, req.messages, req.plan.tools))})
 
     return app
-
-
-# ---- one completion request ------------------------------------------------------------------
-
-def _complete(scheduler: Scheduler, model_name: str, kind: str):
-    body = parse_json(request.get_data(cache=False))  # over MAX_CONTENT_LENGTH: 413 here
-    req = parse_chat(body) if kind == "chat" else parse_completion(body)
-    plan = parse_tools(body) if kind == "chat" else ToolPlan()
-    if req.model != model_name:
-        raise APIError(404, f"model '{req.model}' does not exist; this server serves '{model_name}'",
-                       param="model", code="model_not_found")
-    scheduler.check_ready()
-    ids = _prompt_ids(scheduler, req, plan.tools)
-    max_tokens = _max_tokens(scheduler.engine.max_context, len(ids), req)
-    try:
-        scheduler.engine.check_request(ids, max_tokens)  # the vocabulary range of token-id prompts
-    except PlexusError as e:
-        raise APIError(400, str(e), param="prompt" if kind == "completion" else "messages") from None
-    vocab = scheduler.engine.vocab_size
-    outside = [t for t, _ in req.sampling.logit_bias if t >= vocab]
-    if outside:
-        raise APIError(400, f"logit_bias names token {outside[0]}, outside the vocabulary (size {vocab})",
-                       param="logit_bias")
-    grammar = grammar_for(scheduler, plan.schema, plan.param)  # constrained output (engine/constrain.py)
-    job = Job(ids, replace(req.sampling, max_tokens=max_tokens, grammar=grammar), req.stream,
-              request.environ.get("waitress.client_disconnected", lambda: False))
-    scheduler.submit(job)
-    rid, created = new_id(kind), now()
-    decode = scheduler.tokenizer.decode
-    if not req.stream:
-        result = wait_for(job, ("done",))
-        msg, reason = message(plan, result.text, result.finish_reason)
-        return jsonify(response(kind, rid, created, model_name, result.text, reason, len(ids),
-                                len(result.token_ids), msg, logprobs_of(kind, result.logprobs, decode)))
-    wait_for(job, ("start",))  # errors while queued still get a real status code
-
-    def events():
-        calls, pending, offset = StreamedCall(plan), [], 0
-        try:
-            if kind == "chat":
-                yield sse(chunk(kind, rid, created, model_name, "" if plan.call is None else None, True, None,
-                                req.include_usage))
-            while True:
-                what, value = job.events.get()
-                if what == "logprobs":  # the tokens of the next text piece
-                    pending += value
-                    continue
-                lp = logprobs_of(kind, pending, decode, offset) if pending else None
-                pending = []
-                if what == "text" and kind == "chat":
-                    for i, delta in enumerate(calls.piece(value) or [{}] * bool(lp)):
-                        yield sse(chunk(kind, rid, created, model_name, None, False, None, req.include_usage, delta,
-                                        None if i else lp))
-                elif what == "text":
-                    yield sse(chunk(kind, rid, created, model_name, value, False, None, req.include_usage,
-                                    logprobs=lp))
-                    offset += len(value)
-                elif what == "done":
-                    deltas, reason = calls.end(value.finish_reason) if kind == "chat" else ([], value.finish_reason)
-                    for delta in deltas:
-                        yield sse(chunk(kind, rid, created, model_name, None, False, None, req.include_usage, delta))
-                    yield sse(chunk(kind, rid, created, model_name, None, False, reason, req.include_usage))
-                    if req.include_usage:
-                        yield sse(usage_chunk(kind, rid, created, model_name, len(ids), len(value.token_ids)))
-                    yield sse("[DONE]")
-                    return
-                elif what == "error":  # headers are sent: the error goes in the stream
-                    yield sse(value.body())
-                    return
-        finally:
-            if not job.finished:
-                job.abandoned.set()  # the client went away: stop generating for it
-
-    return Response(events(), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-# ---- one Anthropic Messages request ----------------------------------------------------------------
-
-def _messages(scheduler: Scheduler, model_name: str):
-    req = anthropic.parse_messages(parse_json(request.get_data(cache=False)))
-    if req.model != model_name:
-        raise APIError(404, f"model '{req.model}' does not exist; this server serves '{model_name}'", param="model")
-    scheduler.check_ready()
-    ids, plan = chat_ids(scheduler, req.messages, req.plan.tools), req.plan
-    try:
-        scheduler.engine.check_request(ids, req.max_tokens)
-    except PlexusError as e:
-        raise APIError(400, str(e), param="max_tokens") from None
-    grammar = grammar_for(scheduler, plan.schema, "tools")
-    job = Job(ids, replace(req.sampling, grammar=grammar), req.stream,
-              request.environ.get("waitress.client_disconnected", lambda: False))
-    scheduler.submit(job)
-    rid = anthropic.message_id()
-
-    def finished(result):
-        call = tool_call(plan, result.text) if plan.call and result.finish_reason == "stop" else None
-        return call, anthropic.stop_reason(result.finish_reason, result.stop_sequence, call is not None)
-
-    if not req.stream:
-        result = wait_for(job, ("done",))
-        call, reason = finished(result)
-        return jsonify(anthropic.message(rid, model_name, anthropic.content_blocks(result.text, call), reason,
-                                         result.stop_sequence, len(ids), len(result.token_ids)))
-    wait_for(job, ("start",))
-    ev = anthropic.event
-
-    def block_start(block):
-        return ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
-
-    def delta(d):
-        return ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d})
-
-    def events():
-        text = ""
-        try:
-            yield ev("message_start", {"type": "message_start",
-                                       "message": anthropic.message(rid, model_name, [], None, None, len(ids), 0)})
-            if plan.call is None:
-                yield block_start({"type": "text", "text": ""})
-            elif plan.call == "named":
-                yield block_start({"type": "tool_use", "id": "toolu_" + uuid.uuid4().hex[:24], "name": plan.name,
-                                   "input": {}})
-            yield ev("ping", {"type": "ping"})
-            while True:
-                what, value = job.events.get()
-                if what == "text":
-                    text += value
-                    if plan.call is None:
-                        yield delta({"type": "text_delta", "text": value})
-                    elif plan.call == "named":
-                        yield delta({"type": "input_json_delta", "partial_json": value})
-                elif what == "done":
-                    call, reason = finished(value)
-                    if plan.call == "any":  # its name is known now: the whole block at once
-                        (block,) = anthropic.content_blocks(value.text, call)
-                        if block["type"] == "tool_use":
-                            yield block_start({**block, "input": {}})
-                            yield delta({"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
-                        else:
-                            yield block_start({"type": "text", "text": ""})
-                            yield delta({"type": "text_delta", "text": value.text})
-                    yield ev("content_block_stop", {"type": "content_block_stop", "index": 0})
-                    yield ev("message_delta", {"type": "message_delta", "delta": {
-                        "stop_reason": reason, "stop_sequence": value.stop_sequence},
-                        "usage": {"output_tokens": len(value.token_ids)}})
-                    yield ev("message_stop", {"type": "message_stop"})
-                    return
-                elif what == "error":
-                    yield ev("error", anthropic.error_body(value))
-                    return
-        finally:
-            if not job.finished:
-                job.abandoned.set()
-
-    return Response(events(), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _prompt_ids(scheduler: Scheduler, req, tools=None) -> list[int]:
-    tok = scheduler.tokenizer
-    try:
-        if req.kind == "chat":
-            return tok.encode_chat(req.messages, tools) if tools else tok.encode_chat(req.messages)
-        return list(req.prompt) if isinstance(req.prompt, list) else tok.encode(req.prompt)
-    except PlexusError as e:  # no chat template, or the template refused the messages
-        raise APIError(400, str(e), param="messages" if req.kind == "chat" else "prompt") from None
-
-
-def _max_tokens(context: int, prompt_len: int, req) -> int:
-    """The request's max tokens, or its default: the rest of the context (chat) or 16."""
-    if prompt_len >= context:
-        raise APIError(400, f"the prompt is {prompt_len} tokens; this model's context is {context} tokens",
-                       param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded")
-    n = req.max_tokens
-    if n is None:
-        n = context - prompt_len if req.kind == "chat" else COMPLETION_DEFAULT_MAX_TOKENS
-    if prompt_len + n > context:
-        raise APIError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({n}) exceeds this model's "
-                       f"context of {context} tokens", param="max_tokens", code="context_length_exceeded")
-    return n
 
 

@@ -21,6 +21,7 @@ from plexus.engine.sampling import SamplingParams
 from plexus.errors import PlexusError
 from plexus.parallel.sizes import DTYPE_BYTES
 from plexus.serve.openai_api import APIError, parse_json
+from plexus.serve.openai_tools import parse_calls
 from plexus.serve.pipeline import chat_ids, grammar_for, wait_for
 from plexus.serve.scheduler import Job, Scheduler
 
@@ -211,6 +212,13 @@ def register(app: Flask, scheduler: Scheduler, model_name: str) -> None:
                    "eval_duration": end - first}
             if field == "response":
                 out["context"] = []
+            elif body.get("tools"):  # the model's own tool-call markup, read out of its text
+                names = {(t.get("function") or {}).get("name") for t in body["tools"] if isinstance(t, dict)}
+                text, calls = parse_calls(result.text, names)
+                if calls:
+                    out["message"] = {"role": "assistant", "content": "" if stream else text, "tool_calls": [
+                        {"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+                        for c in calls]}
             return out
 
         if not stream:

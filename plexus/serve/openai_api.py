@@ -22,6 +22,7 @@ from plexus.engine.sampling import SamplingParams
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_TOP_LOGPROBS = 20
+MAX_N = 16  # choices per request
 INT64 = 2 ** 63
 
 
@@ -67,6 +68,7 @@ class ParsedRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)  # its max_tokens is unset
     stream: bool = False
     include_usage: bool = False
+    n: int = 1  # choices, each its own sequence in the batch
 
 
 # ---- field checks ------------------------------------------------------------------------------
@@ -162,9 +164,7 @@ def _model(body: dict) -> str:
 def _common(body: dict, logprobs: int | None = None) -> dict:
     """Fields both endpoints share: sampling, n, stream, and the unsupported ones (``logprobs``:
     the endpoint's own field, read by it)."""
-    n = _int(body, "n", 1)
-    if n not in (None, 1):
-        raise _bad("n", f"'n' must be 1 (one choice per request), got {n}", code="unsupported_parameter")
+    n = _int(body, "n", 1, MAX_N) or 1
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0)
     top_k = _int(body, "top_k", -1)  # vLLM's extension; -1 or 0: no limit
@@ -187,7 +187,7 @@ def _common(body: dict, logprobs: int | None = None) -> dict:
         max_tokens=0, temperature=1.0 if temperature is None else temperature,
         top_p=1.0 if not top_p else top_p, top_k=max(top_k or 0, 0), seed=seed, stop=_stop(body),
         logit_bias=_logit_bias(body), logprobs=logprobs)
-    return dict(model=_model(body), sampling=sampling, stream=stream, include_usage=include_usage)
+    return dict(model=_model(body), sampling=sampling, stream=stream, include_usage=include_usage, n=n)
 
 
 # ---- the two endpoints -------------------------------------------------------------------------
@@ -340,7 +340,7 @@ def response(kind: str, rid: str, created: int, model: str, text: str, finish_re
 
 def chunk(kind: str, rid: str, created: int, model: str, text: str | None = None, first: bool = False,
           finish_reason: str | None = None, with_usage_field: bool = False, delta: dict | None = None,
-          logprobs: dict | None = None) -> dict:
+          logprobs: dict | None = None, index: int = 0) -> dict:
     """One streamed delta: the role first (chat), then text pieces (or ``delta``s: tool calls),
     then the finish reason."""
     if kind == "chat":
@@ -349,10 +349,10 @@ def chunk(kind: str, rid: str, created: int, model: str, text: str | None = None
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
     out = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
            "system_fingerprint": None}

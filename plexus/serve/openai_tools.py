@@ -6,8 +6,9 @@ A call is produced by constrained decoding, so its arguments always parse and ma
 function's ``parameters`` schema: with ``tool_choice`` naming a function the output *is* that
 function's arguments; with ``"required"`` it is ``{"name": ..., "arguments": ...}`` for one of
 the tools. With ``"auto"`` (the default when tools are given) the tools are rendered by the chat
-template and the model answers in text: Plexus does not yet read a model's own tool-call markup
-out of free text, so ``auto`` never returns a call (documented in docs/api.md).
+template, the model writes freely, and its own tool-call markup is read out of the text
+(``parse_calls``: Hermes/Qwen ``<tool_call>`` blocks, Mistral ``[TOOL_CALLS]``, or a message that
+is one Llama-3-style ``{"name", "parameters"}`` object), naming only the request's tools.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class ToolPlan:
     """What a chat request asks of the output."""
     tools: list[dict] | None = None  # for the chat template: OpenAI's [{"type": "function", "function": {...}}]
     schema: dict | None = None  # the output must be JSON matching it (None: free text)
-    call: str | None = None  # None: no call; "named": the output is ``name``'s arguments; "any": {"name", "arguments"}
+    call: str | None = None  # None: no call; "named": the output is ``name``'s arguments; "any": {"name",
+    # "arguments"}; "auto": free text, calls read out of the model's own markup
     name: str | None = None
     param: str = "response_format"  # the field a schema problem is reported against
 
@@ -84,6 +86,8 @@ def parse_tools(body: dict) -> ToolPlan:
     if choice is None or choice in ("auto", "none"):
         if choice == "none":
             plan.tools = None  # not even rendered: the model may not call one
+        elif tools and plan.schema is None:
+            plan.call = "auto"
         return plan
     if not tools:
         raise _bad("tool_choice", "'tool_choice' needs 'tools'")
@@ -141,28 +145,85 @@ def tool_call(plan: ToolPlan, text: str) -> dict | None:
     return {"id": call_id(), "type": "function", "function": {"name": name, "arguments": args}}
 
 
+HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+MARKERS = ("<tool_call>", "[TOOL_CALLS]")
+
+
+def parse_calls(text: str, names) -> tuple[str, list[dict]]:
+    """(the text outside any calls, the calls) of free text with a model's own tool-call markup;
+    (text, []) when there is none, it does not parse, or it names a function not in ``names``."""
+    def call(obj) -> dict | None:
+        if not isinstance(obj, dict) or obj.get("name") not in names:
+            return None
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                return None
+        if not isinstance(args, dict):
+            return None
+        return {"id": call_id(), "type": "function",
+                "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+
+    def loads(s):
+        try:
+            return json.loads(s)
+        except ValueError:
+            return None
+
+    stripped = text.strip()
+    if "<tool_call>" in text:  # Hermes, Qwen 2.5/3
+        calls = [call(loads(m)) for m in HERMES.findall(text)]
+        if calls and all(calls):
+            return HERMES.sub("", text).replace("<tool_call>", "").strip(), calls
+    elif stripped.startswith("[TOOL_CALLS]"):  # Mistral
+        found = loads(stripped[len("[TOOL_CALLS]"):])
+        calls = [call(o) for o in found] if isinstance(found, list) and found else []
+        if calls and all(calls):
+            return "", calls
+    elif stripped.startswith("{"):  # Llama 3.x: the whole message is one call
+        found = call(loads(stripped))
+        if found:
+            return "", [found]
+    return text, []
+
+
 def message(plan: ToolPlan, text: str, finish_reason: str) -> tuple[dict | None, str]:
-    """A finished chat answer: (the message with its tool call, "tool_calls"), or (None, the
-    reason) where it is plain text (no call asked for, or max_tokens cut the call short)."""
+    """A finished chat answer: (the message with its tool calls, "tool_calls"), or (None, the
+    reason) where it is plain text (no call asked for or found, or max_tokens cut a call short)."""
+    if plan.call == "auto":
+        content, calls = parse_calls(text, _names(plan))
+        if not calls:
+            return None, finish_reason
+        return {"role": "assistant", "content": content or None, "refusal": None, "tool_calls": calls}, "tool_calls"
     call = tool_call(plan, text) if plan.call and finish_reason == "stop" else None
     if call is None:
         return None, finish_reason
     return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}, "tool_calls"
 
 
+def _names(plan: ToolPlan) -> set[str]:
+    return {t["function"]["name"] for t in plan.tools or ()}
+
+
 class StreamedCall:
-    """A chat stream's deltas for a constrained tool call: a named function's arguments stream as
-    they come (its id and name first); a call to any of the tools goes out whole at the end,
-    once its name is known. Without a call, text deltas as usual."""
+    """A chat stream's deltas for a tool call: a named function's arguments stream as they come
+    (its id and name first); a call to any of the tools goes out whole at the end, once its name
+    is known. With ``auto``, text streams until it may be a call (a marker, or a message that
+    starts as JSON), then is held and read at the end. Without tools, text deltas as usual."""
 
     def __init__(self, plan: ToolPlan):
         self.plan, self.text, self.started = plan, "", False
+        self.sent, self.holding = 0, False  # auto: characters passed on as content; holding the rest
         self.id = call_id()
 
     def piece(self, text: str) -> list[dict]:
         self.text += text
         if self.plan.call is None:
             return [{"content": text}]
+        if self.plan.call == "auto":
+            return self._auto()
         if self.plan.call != "named":
             return []
         out = []
@@ -172,10 +233,40 @@ class StreamedCall:
                                         "function": {"name": self.plan.name, "arguments": ""}}]})
         return out + [{"tool_calls": [{"index": 0, "function": {"arguments": text}}]}]
 
+    def _auto(self) -> list[dict]:
+        if self.holding:
+            return []
+        if self.sent == 0:
+            head = self.text.lstrip()
+            if not head:
+                return []
+            if head.startswith(("{", *MARKERS)):  # a call, or a Llama-style JSON one: held to the end
+                self.holding = True
+                return []
+            if any(m.startswith(head) for m in MARKERS):
+                return []  # could still become a marker
+        at = self.text.find("<tool_call>", self.sent)
+        if at >= 0:
+            self.holding = True
+            end = at
+        else:  # hold back a tail that could grow into the marker
+            end = len(self.text) - max((k for k in range(1, len("<tool_call>")) if self.text.endswith("<tool_call>"[:k])),
+                                       default=0)
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return [{"content": out}] if out else []
+
     def end(self, finish_reason: str) -> tuple[list[dict], str]:
         """The last deltas and the finish reason."""
         if self.plan.call is None:
             return [], finish_reason
+        if self.plan.call == "auto":
+            content, calls = parse_calls(self.text, _names(self.plan))
+            if not calls:
+                rest = self.text[self.sent:]
+                return ([{"content": rest}] if rest else []), finish_reason
+            unsent = parse_calls(self.text[self.sent:], _names(self.plan))[0]  # the calls are all in the held tail
+            out = [{"content": unsent}] if unsent else []
+            return out + [{"tool_calls": [{"index": i, **c}]} for i, c in enumerate(calls)], "tool_calls"
         if self.plan.call == "named":
             return [], "tool_calls" if finish_reason == "stop" and self.started else finish_reason
         call = tool_call(self.plan, self.text) if finish_reason == "stop" else None

@@ -18,7 +18,7 @@ from flask import Flask, Response, jsonify, request
 
 from plexus.errors import PlexusError
 from plexus.serve.openai_api import APIError, _common, _int, parse_json
-from plexus.serve.openai_tools import parse_tools, tool_call
+from plexus.serve.openai_tools import parse_calls, parse_tools, tool_call
 from plexus.serve.pipeline import chat_ids, grammar_for, wait_for
 from plexus.serve.scheduler import Job, Scheduler
 
@@ -136,13 +136,16 @@ def register(app: Flask, scheduler: Scheduler, model_name: str) -> None:
                         "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}
 
         def output_of(result) -> list:
-            call = tool_call(plan, result.text) if plan.call and result.finish_reason == "stop" else None
-            if call is not None:
-                return [{"type": "function_call", "id": "fc_" + call["id"][5:], "call_id": call["id"],
-                         "name": call["function"]["name"], "arguments": call["function"]["arguments"],
-                         "status": "completed"}]
-            return [{"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
-                     "content": [{"type": "output_text", "text": result.text, "annotations": [], "logprobs": []}]}]
+            if plan.call == "auto":
+                text, calls = parse_calls(result.text, {t["function"]["name"] for t in plan.tools})
+            else:
+                call = tool_call(plan, result.text) if plan.call and result.finish_reason == "stop" else None
+                text, calls = ("", [call]) if call else (result.text, [])
+            out = [{"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}]
+            return (out if text or not calls else []) + [
+                {"type": "function_call", "id": "fc_" + c["id"][5:], "call_id": c["id"], "name": c["function"]["name"],
+                 "arguments": c["function"]["arguments"], "status": "completed"} for c in calls]
 
         def finished(result) -> dict:
             return shell("incomplete" if result.finish_reason == "length" else "completed", output_of(result), result)
@@ -173,24 +176,26 @@ def register(app: Flask, scheduler: Scheduler, model_name: str) -> None:
                             yield ev("response.output_text.delta", **where, content_index=0, delta=value, logprobs=[])
                     elif what == "done":
                         final = finished(value)
-                        (item,) = final["output"]
-                        if item["type"] == "message":
-                            part = item["content"][0]
-                            if plan.call is not None:  # a call that did not complete: its text, whole
-                                yield ev("response.output_item.added", output_index=0, item={**item, "content": []})
-                                yield ev("response.content_part.added", **where, content_index=0, part={**part, "text": ""})
-                                yield ev("response.output_text.delta", **where, content_index=0, delta=part["text"],
+                        for n, item in enumerate(final["output"]):
+                            if item["type"] == "message":
+                                part = item["content"][0]
+                                if plan.call is not None:  # held to the end (a call was possible): whole
+                                    yield ev("response.output_item.added", output_index=n, item={**item, "content": []})
+                                    yield ev("response.content_part.added", **where, content_index=0,
+                                             part={**part, "text": ""})
+                                    yield ev("response.output_text.delta", **where, content_index=0, delta=part["text"],
+                                             logprobs=[])
+                                yield ev("response.output_text.done", **where, content_index=0, text=part["text"],
                                          logprobs=[])
-                            yield ev("response.output_text.done", **where, content_index=0, text=part["text"], logprobs=[])
-                            yield ev("response.content_part.done", **where, content_index=0, part=part)
-                        else:
-                            fc = {"item_id": item["id"], "output_index": 0}
-                            yield ev("response.output_item.added", output_index=0,
-                                     item={**item, "arguments": "", "status": "in_progress"})
-                            yield ev("response.function_call_arguments.delta", **fc, delta=item["arguments"])
-                            yield ev("response.function_call_arguments.done", **fc, arguments=item["arguments"],
-                                     name=item["name"])
-                        yield ev("response.output_item.done", output_index=0, item=item)
+                                yield ev("response.content_part.done", **where, content_index=0, part=part)
+                            else:
+                                fc = {"item_id": item["id"], "output_index": n}
+                                yield ev("response.output_item.added", output_index=n,
+                                         item={**item, "arguments": "", "status": "in_progress"})
+                                yield ev("response.function_call_arguments.delta", **fc, delta=item["arguments"])
+                                yield ev("response.function_call_arguments.done", **fc, arguments=item["arguments"],
+                                         name=item["name"])
+                            yield ev("response.output_item.done", output_index=n, item=item)
                         yield ev("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                                  response=final)
                         return
