@@ -222,3 +222,20 @@ def test_auto_streams_text_and_holds_what_may_be_a_call():
     assert s.piece("Plain ") == [{"content": "Plain "}] and s.end("stop") == ([], "stop")
     s = StreamedCall(plan)
     assert s.piece("{not json") == [] and s.end("length") == ([{"content": "{not json"}], "length")
+
+
+@pytest.mark.timeout(300)
+def test_n_choices_with_a_seed_are_the_single_requests_seeds(port):
+    """n = 3 with seed s: choice i is what a single request with seed s + i gives (each choice its
+    own sequence in the batch, batch-invariant), streamed and not."""
+    c = client(port, "k")
+    kw = dict(model=MODEL, messages=ASK, max_tokens=10, temperature=1.0)
+    r = c.chat.completions.create(**kw, n=3, seed=40)
+    singles = [c.chat.completions.create(**kw, seed=40 + i).choices[0].message.content for i in range(3)]
+    assert [ch.message.content for ch in sorted(r.choices, key=lambda ch: ch.index)] == singles
+    assert len(set(singles)) > 1  # they really sample
+    texts = {}
+    for ch in c.chat.completions.create(**kw, n=3, seed=40, stream=True):
+        for choice in ch.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    assert [texts[i] for i in range(3)] == singles

@@ -6,18 +6,22 @@ The grammar engine is llguidance (PyPI, Rust, no dependencies of its own, 3 MB):
 model's ``tokenizers`` JSON directly and computes a step's mask in microseconds on a CPU. Of the
 alternatives, xgrammar needs transformers and triton at run time, and outlines-core builds its
 index from the vocabulary up front for each schema. The mask is applied to the gathered logits
-before sampling (engine/batch.py), each sequence with its own matcher.
+before sampling (engine/batch.py), each sequence with its own matcher. The mask for a sequence's
+next token is computed on a helper thread as soon as its last token is known, so it overlaps
+the next step's forward pass (llguidance releases the GIL while it works).
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from plexus.errors import PlexusError
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)
+_AHEAD = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plexus-mask")  # next masks, during the step
 
 
 def _llguidance():
@@ -63,10 +67,12 @@ class Constraint:
         if self.matcher.is_error():
             raise PlexusError(f"the schema cannot be used for constrained output: {self.matcher.get_error()}")
         self.eos = frozenset(tokenizer.eos_token_ids)
+        self._stopped = False  # read here: the matcher is the helper thread's while a mask is computed
+        self._next = _AHEAD.submit(self.matcher.compute_bitmask)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (vocab,) float32 with every token the grammar does not allow now at -inf (a copy)."""
-        bits = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
+        bits = torch.frombuffer(bytearray(self._next.result()), dtype=torch.int32)
         allowed = ((bits[:, None] >> _SHIFTS) & 1).flatten().bool()
         n = min(len(allowed), logits.numel())
         out = torch.full_like(logits, float("-inf"))
@@ -74,10 +80,16 @@ class Constraint:
         return out
 
     def advance(self, token: int) -> None:
+        """Feed the chosen token; the next mask starts computing at once (it is needed after the
+        next step)."""
+        self._next.result()  # (done already: mask waited for it)
         if not self.matcher.consume_token(token):
             raise PlexusError(f"the constrained output went wrong: {self.matcher.get_error()}")
+        self._stopped = self.matcher.is_stopped()
+        if not self._stopped:
+            self._next = _AHEAD.submit(self.matcher.compute_bitmask)
 
     @property
     def finished(self) -> bool:
         """The grammar is complete and allows nothing more (EOS, or its own end)."""
-        return self.matcher.is_stopped()
+        return self._stopped
