@@ -7,13 +7,13 @@ import json
 import uuid
 from dataclasses import replace
 
-from flask import Response, jsonify, request
+from flask import jsonify, request
 
 from plexus.errors import PlexusError
 from plexus.serve import anthropic_api as anthropic
 from plexus.serve.openai_api import APIError, parse_json
-from plexus.serve.openai_tools import StreamedCall, parse_calls, tool_call
-from plexus.serve.pipeline import chat_ids, grammar_for, wait_for
+from plexus.serve.openai_tools import StreamedCall, calls_of
+from plexus.serve.pipeline import chat_ids, event_stream, grammar_for, wait_for
 from plexus.serve.scheduler import Job, Scheduler
 
 
@@ -35,11 +35,7 @@ def messages(scheduler: Scheduler, model_name: str):
 
     def finished(result) -> tuple[str, list[dict], str]:
         """(the text, the tool calls, the stop reason) of a finished answer."""
-        if plan.call == "auto":
-            text, calls = parse_calls(result.text, {t["function"]["name"] for t in plan.tools})
-        else:
-            call = tool_call(plan, result.text) if plan.call and result.finish_reason == "stop" else None
-            text, calls = ("", [call]) if call else (result.text, [])
+        text, calls = calls_of(plan, result.text, result.finish_reason)
         return text, calls, anthropic.stop_reason(result.finish_reason, result.stop_sequence, bool(calls))
 
     if not req.stream:
@@ -101,7 +97,8 @@ def messages(scheduler: Scheduler, model_name: str):
                             if "content" in d:
                                 yield delta({"type": "text_delta", "text": d["content"]})
                         yield block_stop()
-                        yield from whole_blocks([b for b in anthropic.content_blocks("", calls) if b["type"] != "text"], 1)
+                        uses = [b for b in anthropic.content_blocks("", calls) if b["type"] != "text"]
+                        yield from whole_blocks(uses, 1)
                     else:
                         yield block_stop()
                     yield ev("message_delta", {"type": "message_delta", "delta": {
@@ -116,5 +113,4 @@ def messages(scheduler: Scheduler, model_name: str):
             if not job.finished:
                 job.abandoned.set()
 
-    return Response(events(), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return event_stream(events())

@@ -116,7 +116,8 @@ def register(app: Flask, scheduler: Scheduler, model_name: str) -> None:
         engine = scheduler.engine
         size = 0
         if engine is not None:  # the weights in the compute dtype (quantized layers count less)
-            size = engine.config.num_parameters() * DTYPE_BYTES[str(engine.model.embed_tokens.dtype).removeprefix("torch.")]
+            dtype = str(engine.model.embed_tokens.dtype).removeprefix("torch.")
+            size = engine.config.num_parameters() * DTYPE_BYTES[dtype]
         return {"name": model_name, "model": model_name, "modified_at": _now(), "size": size, "digest": digest,
                 "details": details()}
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import queue
 from dataclasses import replace
 
-from flask import Response, jsonify, request
+from flask import jsonify, request
 
 from plexus.errors import PlexusError
 from plexus.serve.openai_api import (APIError, chunk, logprobs_of, new_id, now, parse_chat, parse_completion,
                                      parse_json, response, sse, usage_chunk)
 from plexus.serve.openai_tools import StreamedCall, ToolPlan, message, parse_tools
-from plexus.serve.pipeline import grammar_for
+from plexus.serve.pipeline import event_stream, grammar_for
 from plexus.serve.scheduler import Job, Scheduler
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -142,8 +142,7 @@ def complete(scheduler: Scheduler, model_name: str, kind: str):
                 if not job.finished:
                     job.abandoned.set()  # the client went away: stop generating for it
 
-    return Response(events(), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return event_stream(events())
 
 
 def _prompt_ids(scheduler: Scheduler, req, tools=None) -> list[int]:

@@ -189,18 +189,22 @@ def parse_calls(text: str, names) -> tuple[str, list[dict]]:
     return text, []
 
 
+def calls_of(plan: ToolPlan, text: str, finish_reason: str) -> tuple[str, list[dict]]:
+    """A finished answer as (its text, its tool calls), for every surface: the model's own markup
+    read out (``auto``), or the constrained call (none where max_tokens cut it short)."""
+    if plan.call == "auto":
+        return parse_calls(text, _names(plan))
+    call = tool_call(plan, text) if plan.call and finish_reason == "stop" else None
+    return ("", [call]) if call else (text, [])
+
+
 def message(plan: ToolPlan, text: str, finish_reason: str) -> tuple[dict | None, str]:
     """A finished chat answer: (the message with its tool calls, "tool_calls"), or (None, the
     reason) where it is plain text (no call asked for or found, or max_tokens cut a call short)."""
-    if plan.call == "auto":
-        content, calls = parse_calls(text, _names(plan))
-        if not calls:
-            return None, finish_reason
-        return {"role": "assistant", "content": content or None, "refusal": None, "tool_calls": calls}, "tool_calls"
-    call = tool_call(plan, text) if plan.call and finish_reason == "stop" else None
-    if call is None:
+    content, calls = calls_of(plan, text, finish_reason)
+    if not calls:
         return None, finish_reason
-    return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}, "tool_calls"
+    return {"role": "assistant", "content": content or None, "refusal": None, "tool_calls": calls}, "tool_calls"
 
 
 def _names(plan: ToolPlan) -> set[str]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import queue
 
+from flask import Response
+
 from plexus.engine.constrain import check_grammar, json_grammar
 from plexus.errors import PlexusError
 from plexus.serve.openai_api import APIError
@@ -48,3 +50,9 @@ def wait_for(job: Job, kinds: tuple[str, ...]):
             raise value
         if what in kinds:
             return value
+
+
+def event_stream(events) -> Response:
+    """A streamed answer (server-sent events) that no proxy buffers."""
+    return Response(events, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

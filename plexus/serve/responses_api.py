@@ -14,12 +14,12 @@ import time
 import uuid
 from dataclasses import replace
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, jsonify, request
 
 from plexus.errors import PlexusError
 from plexus.serve.openai_api import APIError, _common, _int, parse_json
-from plexus.serve.openai_tools import parse_calls, parse_tools, tool_call
-from plexus.serve.pipeline import chat_ids, grammar_for, wait_for
+from plexus.serve.openai_tools import calls_of, parse_tools
+from plexus.serve.pipeline import chat_ids, event_stream, grammar_for, wait_for
 from plexus.serve.scheduler import Job, Scheduler
 
 ROLES = ("user", "assistant", "system", "developer")
@@ -136,11 +136,7 @@ def register(app: Flask, scheduler: Scheduler, model_name: str) -> None:
                         "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}
 
         def output_of(result) -> list:
-            if plan.call == "auto":
-                text, calls = parse_calls(result.text, {t["function"]["name"] for t in plan.tools})
-            else:
-                call = tool_call(plan, result.text) if plan.call and result.finish_reason == "stop" else None
-                text, calls = ("", [call]) if call else (result.text, [])
+            text, calls = calls_of(plan, result.text, result.finish_reason)
             out = [{"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
                     "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}]
             return (out if text or not calls else []) + [
@@ -206,5 +202,4 @@ def register(app: Flask, scheduler: Scheduler, model_name: str) -> None:
                 if not job.finished:
                     job.abandoned.set()
 
-        return Response(events(), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(events())
