@@ -154,6 +154,7 @@ class Engine:
         self.kv = BlockPool(kv_blocks)  # rank 0's bookkeeping (engine/kv.py)
         self.kv_tokens = kv_blocks * KV_BLOCK
         self._tables: dict[int, list] = {}  # sequence id -> [block table (int64), blocks in it]: every rank
+        self.pool = None  # the PoolPlan it was loaded with (Engine.load): who holds what, in bytes
 
     @classmethod
     def load(cls, model_dir: str | Path, comm: Communicator, dtype: str | None = None, device: str = "cpu",
@@ -187,6 +188,7 @@ class Engine:
         model = load_model(model_dir, config, pool.plan, comm, ctx, torch_dtype, device, progress,
                            (bits_of(quantize), quant_group) if quantize else None, fmt)
         engine = cls(model, comm, eos_token_ids or frozenset(config.eos_token_ids), pool.max_batch, pool.kv_blocks)
+        engine.pool = pool
         if model.fused is not None and model.fused.group is not None:  # ranks of one node
             model.fused.take_rows(model, pool.spare_bytes(comm.rank))
         return engine

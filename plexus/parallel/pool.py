@@ -64,6 +64,7 @@ class PoolPlan:
     budget_kind: str = "budget"  # "budget" (given) or "usable memory" (measured)
     labels: tuple[str, ...] = ()
     quant: QuantShape | None = None  # the layers' linear weights quantized (--quantize, a quantized checkpoint)
+    hosts: tuple[str, ...] = ()  # each rank's host (the engine's plan; plexus plan knows none)
 
     @classmethod
     def build(cls, config: ModelShape, world_size: int, dtype: str, max_context: int, max_batch: int = 1,
@@ -263,7 +264,8 @@ class PoolPlan:
         ranks = []
         for r, s in enumerate(self.plan.shards):
             ranks.append({
-                "rank": r, "device": self.labels[r] or None, "weight": self.plan.weights[r],
+                "rank": r, "host": self.hosts[r] if self.hosts else None, "device": self.labels[r] or None,
+                "weight": self.plan.weights[r],
                 "kv_heads": list(s.kv_heads), "num_kv_heads": s.num_kv_heads,
                 "q_heads": list(s.q_heads), "num_heads": s.num_heads,
                 "mlp_columns": list(s.mlp_columns), "intermediate": s.intermediate,
@@ -308,6 +310,7 @@ def agree_pool_plan(comm, config: ModelShape, dtype, device: str, max_context: i
                               kv_tokens)
         if kv_tokens is None:
             pool = pool.fit_kv()
+        pool = replace(pool, hosts=tuple(h for h, _, _ in reports))
         error = pool.failure()
     except PlexusError as e:
         error = str(e)

@@ -140,6 +140,21 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     def list_models():
         return jsonify({"object": "list", "data": [card()]})
 
+    @app.get("/v1/pool")
+    def pool():
+        """Who holds what (the plan every rank agreed on) and how the pool is doing now."""
+        scheduler.check_ready()
+        engine, kv = scheduler.engine, scheduler.engine.kv
+        plan = engine.pool.to_json() if engine.pool is not None else {}
+        keep = ("architecture", "num_parameters", "dtype", "quantization", "max_context", "max_batch", "split",
+                "world_size", "total_weight_bytes", "ranks")
+        return jsonify({"model": model_name, **{k: plan[k] for k in keep if k in plan},
+                        "kv_cache": {"block_tokens": kv.blocks and engine.kv_tokens // kv.blocks, "blocks": kv.blocks,
+                                     "used": kv.used, "cached": kv.cached, "free": kv.blocks - kv.used - kv.cached},
+                        "load": {"running": scheduler.running(), "waiting": scheduler.queue_depth(),
+                                 "tokens_per_s": scheduler.tokens_per_s(),
+                                 "prefix_hit_tokens": kv.hit_tokens}})
+
     @app.get("/v1/models/<path:model_id>")
     def get_model(model_id):
         if model_id != model_name:

@@ -30,6 +30,8 @@ from plexus.serve.openai_api import APIError, unavailable
 LOADING, OK, STOPPING, FAILED = "loading", "ok", "stopping", "failed"
 
 
+RATE_WINDOW_S = 5.0  # seconds of steps tokens_per_s averages over
+
 class Job:
     """One request: its prompt and sampling, and the events its handler reads, in order:
     ``("start", None)``, ``("text", str)`` while streaming, then one terminal event,
@@ -88,6 +90,7 @@ class Scheduler:
         self.finished = threading.Event()  # the engine thread is done (stopped or failed)
         self.metrics = ServerMetrics(world_size, self.queue_depth, self.running, registry, kv=lambda: self._kv())
         self._waiting: deque[Job] = deque()  # submitted, not yet in the batch
+        self._made: deque[tuple[float, int]] = deque()  # (step's end, tokens it made), for tokens_per_s
         self._wake = threading.Condition()
         self._jobs: set[Job] = set()  # submitted and not finished
         self._lock = threading.Lock()
@@ -249,16 +252,29 @@ class Scheduler:
     def _after_step(self, runner: BatchRunner, done: list) -> None:
         now = time.monotonic()
         self._progress = now
+        made = 0
         for seq in [*runner.running, *done]:
             job = seq.tag
             n = len(seq.result.token_ids)
             if n != job.tokens_seen:
+                made += n - job.tokens_seen
                 job.tokens_seen = n
                 if job.last_token is not None:
                     self.metrics.tpot.observe(now - job.last_token)
                 job.last_token = now
         for seq in done:
             self._retire(seq.tag, seq.result)
+        with self._lock:
+            self._made.append((now, made))
+            while self._made and now - self._made[0][0] > RATE_WINDOW_S:
+                self._made.popleft()
+
+    def tokens_per_s(self) -> float:
+        """Tokens generated per second over the last RATE_WINDOW_S seconds (all requests)."""
+        now = time.monotonic()
+        with self._lock:
+            recent = sum(n for t, n in self._made if now - t <= RATE_WINDOW_S)
+        return recent / RATE_WINDOW_S
 
     def _retire(self, job: Job, result) -> None:
         m = self.metrics
