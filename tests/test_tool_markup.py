@@ -83,3 +83,18 @@ def test_n_choices_each_run_as_their_own_sequence(app):
         if c["finish_reason"]:
             finished.add(c["index"])
     assert texts[0] == texts[1] == ">tnatsissa<abc>resu<" and finished == {0, 1}
+
+
+def test_ollama_chat_with_tools_gives_the_call_in_the_final_object(app):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": CALL[::-1]}], "tools": TOOLS,
+            "options": {"temperature": 0, "num_predict": 120}}
+    r = post(app, "/api/chat", {**body, "stream": False}).get_json()
+    (call,) = r["message"]["tool_calls"]
+    assert call["function"] == {"name": "add", "arguments": {"a": 1, "b": 2}} and r["message"]["content"] == (
+        ">tnatsissa<>resu<")
+    lines = [json.loads(x) for x in post(app, "/api/chat", body).get_data().decode().splitlines()]
+    streamed = "".join(x["message"]["content"] for x in lines)
+    assert "<tool_call>" not in streamed and lines[-1]["done"] and lines[-1]["message"]["tool_calls"] == [call]
+    plain = [json.loads(x) for x in post(app, "/api/chat", {**body, "messages": [
+        {"role": "user", "content": "olleh"}]}).get_data().decode().splitlines()]
+    assert "".join(x["message"]["content"] for x in plain) == ">tnatsissa<hello>resu<"  # no call: all the text

@@ -21,7 +21,7 @@ from plexus.engine.sampling import SamplingParams
 from plexus.errors import PlexusError
 from plexus.parallel.sizes import DTYPE_BYTES
 from plexus.serve.openai_api import APIError, parse_json
-from plexus.serve.openai_tools import parse_calls
+from plexus.serve.openai_tools import StreamedCall, ToolPlan, parse_calls
 from plexus.serve.pipeline import chat_ids, grammar_for, wait_for
 from plexus.serve.scheduler import Job, Scheduler
 
@@ -227,13 +227,21 @@ def register(app: Flask, scheduler: Scheduler, model_name: str) -> None:
         wait_for(job, ("start",))
 
         def lines():
+            # with tools, text streams until it may be a call (openai_tools.StreamedCall); the calls
+            # come in the final object
+            held = StreamedCall(ToolPlan(tools=body["tools"], call="auto")) if field == "message" and body.get(
+                "tools") else None
             try:
                 while True:
                     what, value = job.events.get()
                     if what == "text":
-                        yield json.dumps(piece(value), ensure_ascii=False) + "\n"
+                        for text in ([d["content"] for d in held.piece(value)] if held else [value]):
+                            yield json.dumps(piece(text), ensure_ascii=False) + "\n"
                     elif what == "done":
-                        yield json.dumps(final(value), ensure_ascii=False) + "\n"
+                        last = final(value)
+                        if held and "tool_calls" not in last["message"]:  # no call after all: what was held
+                            last["message"]["content"] = "".join(d.get("content", "") for d in held.end("stop")[0])
+                        yield json.dumps(last, ensure_ascii=False) + "\n"
                         return
                     elif what == "error":
                         yield json.dumps({"error": value.message}) + "\n"
