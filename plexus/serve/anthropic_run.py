@@ -13,8 +13,8 @@ from plexus.errors import PlexusError
 from plexus.serve import anthropic_api as anthropic
 from plexus.serve.openai_api import APIError, parse_json
 from plexus.serve.openai_tools import StreamedCall, calls_of
-from plexus.serve.pipeline import chat_ids, event_stream, grammar_for, wait_for
-from plexus.serve.scheduler import Job, Scheduler
+from plexus.serve.pipeline import chat_ids, event_stream, grammar_for, submit, wait_for
+from plexus.serve.scheduler import Scheduler
 
 
 def messages(scheduler: Scheduler, model_name: str):
@@ -28,9 +28,7 @@ def messages(scheduler: Scheduler, model_name: str):
     except PlexusError as e:
         raise APIError(400, str(e), param="max_tokens") from None
     grammar = grammar_for(scheduler, plan.schema, "tools")
-    job = Job(ids, replace(req.sampling, grammar=grammar), req.stream,
-              request.environ.get("waitress.client_disconnected", lambda: False))
-    scheduler.submit(job)
+    job = submit(scheduler, ids, replace(req.sampling, grammar=grammar), req.stream)
     rid = anthropic.message_id()
 
     def finished(result) -> tuple[str, list[dict], str]:

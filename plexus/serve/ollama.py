@@ -22,8 +22,8 @@ from plexus.errors import PlexusError
 from plexus.parallel.sizes import DTYPE_BYTES
 from plexus.serve.openai_api import APIError, parse_json
 from plexus.serve.openai_tools import StreamedCall, ToolPlan, parse_calls
-from plexus.serve.pipeline import chat_ids, grammar_for, wait_for
-from plexus.serve.scheduler import Job, Scheduler
+from plexus.serve.pipeline import chat_ids, grammar_for, submit, wait_for
+from plexus.serve.scheduler import Scheduler
 
 OLLAMA_VERSION = "0.9.0"  # the Ollama API this surface follows (clients check it)
 OPTIONS = {"temperature": float, "top_p": float, "top_k": int, "num_predict": int, "seed": int}
@@ -194,10 +194,9 @@ def register(app: Flask, scheduler: Scheduler, model_name: str) -> None:
         stream = body.get("stream", True)
         if not isinstance(stream, bool):
             raise _bad("'stream' must be a boolean")
-        job = Job(ids, replace(params, grammar=grammar_for(scheduler, _schema(body), "format")), stream,
-                  request.environ.get("waitress.client_disconnected", lambda: False))
+        params = replace(params, grammar=grammar_for(scheduler, _schema(body), "format"))
         t0 = time.perf_counter_ns()
-        scheduler.submit(job)
+        job = submit(scheduler, ids, params, stream)
 
         def piece(text: str) -> dict:
             value = {"role": "assistant", "content": text} if field == "message" else text

@@ -12,7 +12,7 @@ from plexus.errors import PlexusError
 from plexus.serve.openai_api import (APIError, chunk, logprobs_of, new_id, now, parse_chat, parse_completion,
                                      parse_json, response, sse, usage_chunk)
 from plexus.serve.openai_tools import StreamedCall, ToolPlan, message, parse_tools
-from plexus.serve.pipeline import event_stream, grammar_for
+from plexus.serve.pipeline import client_gone, event_stream, grammar_for
 from plexus.serve.scheduler import Job, Scheduler
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -71,7 +71,7 @@ def complete(scheduler: Scheduler, model_name: str, kind: str):
         raise APIError(400, f"logit_bias names token {outside[0]}, outside the vocabulary (size {vocab})",
                        param="logit_bias")
     params = replace(req.sampling, max_tokens=max_tokens, grammar=grammar_for(scheduler, plan.schema, plan.param))
-    gone = request.environ.get("waitress.client_disconnected", lambda: False)
+    gone = client_gone()
     shared: queue.Queue = queue.Queue()
     jobs = []
     for i in range(req.n):  # each choice its own sequence; a seed gives each its own (seed + i)

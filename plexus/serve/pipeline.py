@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import queue
 
-from flask import Response
+from flask import Response, request
 
 from plexus.engine.constrain import check_grammar, json_grammar
 from plexus.errors import PlexusError
@@ -34,6 +34,18 @@ def grammar_for(scheduler: Scheduler, schema: dict | None, param: str) -> str | 
     except PlexusError as e:
         raise APIError(400, str(e), param=param) from None
     return grammar
+
+
+def client_gone():
+    """waitress's check that this request's client closed its connection (never, elsewhere)."""
+    return request.environ.get("waitress.client_disconnected", lambda: False)
+
+
+def submit(scheduler: Scheduler, ids: list[int], params, stream: bool) -> Job:
+    """The request's job, queued (429 past the queue)."""
+    job = Job(ids, params, stream, client_gone())
+    scheduler.submit(job)
+    return job
 
 
 def wait_for(job: Job, kinds: tuple[str, ...]):

@@ -19,8 +19,8 @@ from flask import Flask, jsonify, request
 from plexus.errors import PlexusError
 from plexus.serve.openai_api import APIError, _common, _int, parse_json
 from plexus.serve.openai_tools import calls_of, parse_tools
-from plexus.serve.pipeline import chat_ids, event_stream, grammar_for, wait_for
-from plexus.serve.scheduler import Job, Scheduler
+from plexus.serve.pipeline import chat_ids, event_stream, grammar_for, submit, wait_for
+from plexus.serve.scheduler import Scheduler
 
 ROLES = ("user", "assistant", "system", "developer")
 
@@ -117,8 +117,7 @@ def register(app: Flask, scheduler: Scheduler, model_name: str) -> None:
         except PlexusError as e:
             raise _bad("max_output_tokens", str(e)) from None
         params = replace(common["sampling"], max_tokens=max_tokens, grammar=grammar_for(scheduler, plan.schema, "text"))
-        job = Job(ids, params, common["stream"], request.environ.get("waitress.client_disconnected", lambda: False))
-        scheduler.submit(job)
+        job = submit(scheduler, ids, params, common["stream"])
         rid, created, msg_id = "resp_" + uuid.uuid4().hex, int(time.time()), "msg_" + uuid.uuid4().hex[:24]
 
         def shell(status: str, output: list, result=None) -> dict:
